@@ -1,0 +1,162 @@
+"""`python -m mnist_sweep`: the Hydra entry point. The only module that reads a DictConfig.
+
+It turns the composed config into plain dataclasses (RunSpec), trains, records to MLflow and returns the
+optimized metric, which is what a sweeper reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from . import tracking
+from .data import DataConfig
+from .errors import ConfigError, UserError
+from .model import ModelConfig
+from .train import (
+    RunSpec,
+    TrainerConfig,
+    confusion_matrix,
+    evaluate,
+    fit,
+    objective_values,
+    prepare,
+)
+
+log = logging.getLogger("mnist_sweep")
+REPO = Path(__file__).resolve().parent.parent
+TRUSTED_TARGETS = ("torch.optim.*",)  # what a config's _target_ may name: optimizers and lr schedulers
+
+
+def _section(cfg: DictConfig, key: str, cls: type) -> Any:
+    """cfg[key] as the dataclass `cls`; an unknown or mistyped key names itself."""
+    values = OmegaConf.to_container(cfg[key], resolve=True)
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def _factory(node: DictConfig | None, key: str):
+    """A `_target_` node -> (callable building the object, interval); (None, 'epoch') when there is none."""
+    if node is None or node.get("_target_") is None:
+        return None, "epoch"
+    kwargs = OmegaConf.to_container(node, resolve=True)
+    interval = kwargs.pop("interval", "epoch")
+    try:
+        partial = hydra.utils.instantiate(kwargs, _execution_whitelist_=TRUSTED_TARGETS)
+    except Exception as e:
+        raise ConfigError(f"{key}._target_={node._target_!r} could not be built: {e}") from None
+    if key == "scheduler":
+        wants_steps = "steps_per_epoch" in kwargs
+        return (lambda opt, steps: partial(opt, steps_per_epoch=steps) if wants_steps else partial(opt)), interval
+    return partial, interval
+
+
+def build_spec(cfg: DictConfig) -> RunSpec:
+    """The composed config as plain, validated dataclasses; raises ConfigError naming the bad key."""
+    metrics = cfg.optimized_metric
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    make_optimizer, _ = _factory(cfg.optimizer, "optimizer")
+    make_scheduler, interval = _factory(cfg.get("scheduler"), "scheduler")
+    return RunSpec(
+        model=_section(cfg, "model", ModelConfig),
+        data=_section(cfg, "data", DataConfig),
+        trainer=_section(cfg, "trainer", TrainerConfig),
+        make_optimizer=make_optimizer,
+        make_scheduler=make_scheduler,
+        scheduler_interval=interval,
+        optimized_metric=metrics,
+    )
+
+
+def run_tags(device: str) -> dict[str, str]:
+    import torch
+
+    tags = {"device": device, "torch": torch.__version__}
+    commit = tracking.git_commit(REPO)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def format_epoch(epoch: int, epochs: int, m: dict[str, float]) -> str:
+    return (f"epoch {epoch}/{epochs}  train/loss {m['train/loss']:.4f}  val/loss {m['val/loss']:.4f}  "
+            f"val/acc {m['val/acc']:.4f}  lr {m['lr']:.3g}  {m['epoch_seconds']:.1f}s  "
+            f"{m['train/images_per_s']:,.0f} img/s")
+
+
+def progress_bar(enabled: bool, epochs: int, batch_size: int):
+    """A tqdm bar over one epoch's batches, counting images so the rate reads img/s; None when disabled."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    def wrap(batches, epoch):
+        return tqdm(batches, total=len(batches), desc=f"epoch {epoch}/{epochs}", leave=False,
+                    unit="batch", dynamic_ncols=True, file=sys.stdout)
+
+    return wrap
+
+
+def train_and_record(cfg: DictConfig, spec: RunSpec, parent_run_id: str | None = None,
+                     extra_tags: dict[str, str] | None = None, on_epoch_end=None) -> tuple[list[float], str]:
+    """Prepare (fail fast), then train inside one MLflow run; returns (objective values, run id)."""
+    prepared = prepare(spec)
+    for warning in prepared.warnings:
+        log.warning(warning)
+    client = tracking.make_client(cfg.mlflow.tracking_uri)
+    tags = run_tags(str(prepared.device)) | (extra_tags or {})
+    with tracking.RunRecorder(client, cfg.mlflow.experiment, cfg.mlflow.run_name, parent_run_id, tags) as rec:
+        rec.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
+        rec.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        rec.log_metrics({"model/params": prepared.num_params}, step=0)
+
+        def epoch_end(epoch: int, metrics: dict[str, float]) -> None:
+            rec.log_metrics(metrics, step=epoch)
+            log.info(format_epoch(epoch, spec.trainer.epochs, metrics))
+            if on_epoch_end:
+                on_epoch_end(epoch, metrics)
+
+        bar = progress_bar(sys.stdout.isatty(), spec.trainer.epochs, spec.data.batch_size)
+        history = fit(prepared, epoch_end, bar)
+        test, pred, label = evaluate(prepared, prepared.splits.test)
+        rec.log_metrics({"test/acc": test["acc"], "test/loss": test["loss"]}, step=spec.trainer.epochs)
+        rec.log_model_weights(prepared.model, spec.model)
+        rec.log_figure(tracking.confusion_figure(confusion_matrix(pred, label),
+                                                 f"test set: accuracy {test['acc']:.4f}"), "confusion_matrix.png")
+        values = objective_values(history, prepared.num_params, spec.optimized_metric)
+        log.info(f"val/acc {history[-1]['val/acc']:.4f}  test/acc {test['acc']:.4f}  "
+                 f"({', '.join(f'{n} {v:.4g}' for n, v in zip(spec.optimized_metric, values))} optimized)")
+        log.info(f"MLflow run {rec.run_id} in experiment {cfg.mlflow.experiment!r} at {cfg.mlflow.tracking_uri}. "
+                 f"See it with: mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}  (then open "
+                 f"http://127.0.0.1:5000/#/experiments/{rec.experiment_id}/runs/{rec.run_id})")
+    return values, rec.run_id
+
+
+@hydra.main(config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | list[float]:
+    try:
+        spec = build_spec(cfg)
+        values, _ = train_and_record(cfg, spec)
+    except UserError as e:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return values[0] if len(values) == 1 else values
+
+
+def cli() -> None:
+    main()
+
+
+if __name__ == "__main__":
+    cli()

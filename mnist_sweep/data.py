@@ -1,0 +1,253 @@
+"""MNIST: find or download it with torchvision, split off a validation set, and serve batches.
+
+Two loader modes serve the same split:
+- ``memory`` (default): the uint8 images are normalized once into one float tensor on the training device and
+  each epoch is a seeded permutation sliced into batches. No PIL, no per-image work, no host copies per batch.
+- ``classic``: torchvision's dataset with ``ToTensor`` + ``Normalize`` through a ``DataLoader``, image by image,
+  as in pytorch/examples. Kept so the two can be measured side by side.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import ConfigError, DataError
+
+LOADERS = ("memory", "classic")
+RAW_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str  # folder that holds MNIST/raw/
+    download: bool = True  # let torchvision fetch missing files
+    val_size: int = 5000  # images held out of the 60k training set for validation
+    split_seed: int = 0  # fixes which images are held out, independent of the training seed
+    batch_size: int = 64  # training batch
+    eval_batch_size: int = 1000  # validation/test batch
+    mean: float = 0.1307  # normalization, on pixel values in [0, 1]
+    std: float = 0.3081
+    max_shift: int = 0  # augmentation: random translation in pixels (0 = off)
+    max_rotation: float = 0.0  # augmentation: random rotation in degrees (0 = off)
+    loader: str = "memory"  # memory | classic
+    num_workers: int = 0  # DataLoader workers, classic loader only
+
+    def __post_init__(self) -> None:
+        if self.loader not in LOADERS:
+            raise ConfigError(f"data.loader={self.loader!r} is not a loader; allowed: {', '.join(LOADERS)}")
+        for key in ("batch_size", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 1")
+        if self.val_size < 1:
+            raise ConfigError(f"data.val_size={self.val_size} must be >= 1: the validation set drives model "
+                              "selection and the sweep objective")
+        if self.std <= 0:
+            raise ConfigError(f"data.std={self.std} must be > 0")
+        if self.max_shift < 0 or self.max_rotation < 0:
+            raise ConfigError(f"data.max_shift={self.max_shift} and data.max_rotation={self.max_rotation} "
+                              "must be >= 0")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
+
+
+@dataclass(frozen=True)
+class MnistArrays:
+    """The raw dataset as uint8 images (N, 28, 28) and int64 labels (N,)."""
+
+    train_images: Tensor
+    train_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+
+
+_CACHE: dict[tuple[str, bool], MnistArrays] = {}
+
+
+def load_mnist(root: str, download: bool) -> MnistArrays:
+    """Read MNIST through torchvision, once per process (a sweep runs many trials on one copy)."""
+    key = (str(Path(root).expanduser().resolve()), download)
+    if key not in _CACHE:
+        train = _torchvision_mnist(root, train=True, download=download)
+        test = _torchvision_mnist(root, train=False, download=download)
+        for name, part in (("train", train), ("t10k", test)):
+            if part.data.shape[1:] != (28, 28) or len(part.data) != len(part.targets):
+                raise DataError(f"MNIST {name} files under {Path(part.raw_folder).absolute()} disagree: "
+                                f"{len(part.data)} images but {len(part.targets)} labels, images of shape "
+                                f"{tuple(part.data.shape[1:])} (expected 28x28). Replace them with the official "
+                                "files.")
+        _CACHE[key] = MnistArrays(train.data, train.targets, test.data, test.targets)
+    return _CACHE[key]
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+def _torchvision_mnist(root: str, train: bool, download: bool, transform=None):
+    from torchvision.datasets import MNIST
+
+    raw = Path(root).expanduser().absolute() / "MNIST" / "raw"
+    fix = (f"Point data.root (or the MNIST_ROOT environment variable) at a folder that holds MNIST/raw/ with "
+           f"{', '.join(RAW_FILES)}; e.g. `export MNIST_ROOT=../shared/data` or `data.root=/path/to/data`, "
+           "or run once with internet access and data.download=true.")
+    try:
+        return MNIST(root=str(Path(root).expanduser()), train=train, download=download, transform=transform)
+    except (RuntimeError, OSError) as e:
+        missing = [f for f in RAW_FILES if not (raw / f).is_file()]
+        if missing:
+            how = "download failed" if download else "data.download=false"
+            raise DataError(f"MNIST not found: {raw} lacks {', '.join(missing)} ({how}: "
+                            f"{_first_line(e)}). {fix}") from None
+        raise DataError(f"MNIST files under {raw} could not be read ({_first_line(e)}). They may be truncated "
+                        f"or corrupt: compare their md5 with the official ones, or delete them and download "
+                        f"again. {fix}") from None
+    except Exception as e:  # parsing errors from torchvision's IDX reader (AssertionError, ValueError, ...)
+        raise DataError(f"MNIST files under {raw} could not be parsed ({type(e).__name__}: {_first_line(e)}). "
+                        f"They may be truncated or corrupt: delete them and download again. {fix}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    """The exception's text on one line, shortened: enough to say why, not a traceback."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    return text if len(text) < 300 else text[:297] + "..."
+
+
+def split_indices(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """A seeded random split of range(n) into (train, val) index sets."""
+    if not 0 < val_size < n:
+        raise ConfigError(f"data.val_size={val_size} leaves no training data: the training set has {n} images "
+                          f"(allowed: 1..{n - 1})")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[val_size:].sort().values, order[:val_size].sort().values
+
+
+def normalize(images: Tensor, mean: float, std: float, device: torch.device) -> Tensor:
+    """uint8 (N, 28, 28) -> normalized float32 (N, 1, 28, 28) on `device`, the same values ToTensor+Normalize give."""
+    x = images.to(device=device, non_blocking=True).unsqueeze(1).float().div_(255.0)
+    return x.sub_(mean).div_(std)
+
+
+class TensorBatches:
+    """Batches sliced from tensors that already sit on the device; a seeded reshuffle per epoch.
+
+    Every index appears exactly once per epoch. The last batch is smaller when the size does not divide.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, batch_size: int, shuffle: bool, seed: int = 0,
+                 max_shift: int = 0, max_rotation: float = 0.0) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle = batch_size, shuffle
+        self.max_shift, self.max_rotation = max_shift, max_rotation
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.labels)
+
+    def epoch_order(self) -> Tensor:
+        n = len(self.labels)
+        return torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        order = self.epoch_order().to(self.images.device)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            x = self.images[idx]
+            if self.max_shift or self.max_rotation:
+                x = augment(x, self.max_shift, self.max_rotation, self.generator)
+            yield x, self.labels[idx]
+
+
+def augment(x: Tensor, max_shift: int, max_rotation: float, generator: torch.Generator) -> Tensor:
+    """Random rotation and translation of a normalized batch, one affine warp for the whole batch."""
+    n = x.shape[0]
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(max_rotation)
+    # affine_grid works in [-1, 1] coordinates: one pixel is 2/28
+    shift = (torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator).float() * 2 / x.shape[-1])
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    background = x.amin()  # the normalized value of a black pixel
+    return F.grid_sample(x - background, grid, align_corners=False, padding_mode="zeros") + background
+
+
+@dataclass
+class Splits:
+    """What training needs: batches for train, val and test."""
+
+    train: object  # TensorBatches or a DataLoader
+    val: object
+    test: object
+    num_train: int
+    num_val: int
+    num_test: int
+
+
+def build_splits(cfg: DataConfig, device: torch.device, seed: int) -> Splits:
+    """Load (or reuse) MNIST and build the three batch iterables for `cfg.loader`."""
+    arrays = load_mnist(cfg.root, cfg.download)
+    train_idx, val_idx = split_indices(len(arrays.train_labels), cfg.val_size, cfg.split_seed)
+    if cfg.loader == "memory":
+        return _memory_splits(cfg, arrays, train_idx, val_idx, device, seed)
+    return _classic_splits(cfg, train_idx, val_idx, device, seed)
+
+
+def _memory_splits(cfg: DataConfig, arrays: MnistArrays, train_idx: Tensor, val_idx: Tensor,
+                   device: torch.device, seed: int) -> Splits:
+    images = normalize(arrays.train_images, cfg.mean, cfg.std, device)
+    labels = arrays.train_labels.to(device)
+    test_images = normalize(arrays.test_images, cfg.mean, cfg.std, device)
+    test_labels = arrays.test_labels.to(device)
+    train_idx, val_idx = train_idx.to(device), val_idx.to(device)
+    return Splits(
+        train=TensorBatches(images[train_idx], labels[train_idx], cfg.batch_size, shuffle=True, seed=seed,
+                            max_shift=cfg.max_shift, max_rotation=cfg.max_rotation),
+        val=TensorBatches(images[val_idx], labels[val_idx], cfg.eval_batch_size, shuffle=False),
+        test=TensorBatches(test_images, test_labels, cfg.eval_batch_size, shuffle=False),
+        num_train=len(train_idx), num_val=len(val_idx), num_test=len(test_labels),
+    )
+
+
+def _classic_splits(cfg: DataConfig, train_idx: Tensor, val_idx: Tensor, device: torch.device,
+                    seed: int) -> Splits:
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import transforms
+
+    plain = transforms.Compose([transforms.ToTensor(), transforms.Normalize((cfg.mean,), (cfg.std,))])
+    augmented = plain
+    if cfg.max_shift or cfg.max_rotation:
+        augmented = transforms.Compose([
+            transforms.RandomAffine(degrees=cfg.max_rotation, translate=(cfg.max_shift / 28, cfg.max_shift / 28)),
+            plain])
+    train_set = _torchvision_mnist(cfg.root, train=True, download=cfg.download, transform=augmented)
+    val_set = _torchvision_mnist(cfg.root, train=True, download=cfg.download, transform=plain)
+    test_set = _torchvision_mnist(cfg.root, train=False, download=cfg.download, transform=plain)
+    common = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    return Splits(
+        train=DataLoader(Subset(train_set, train_idx.tolist()), batch_size=cfg.batch_size, shuffle=True,
+                         generator=torch.Generator().manual_seed(seed), **common),
+        val=DataLoader(Subset(val_set, val_idx.tolist()), batch_size=cfg.eval_batch_size, **common),
+        test=DataLoader(test_set, batch_size=cfg.eval_batch_size, **common),
+        num_train=len(train_idx), num_val=len(val_idx), num_test=len(test_set),
+    )
+
+
+def default_root() -> str:
+    """Where MNIST is looked for when data.root is not given: $MNIST_ROOT, else ./data."""
+    return os.environ.get("MNIST_ROOT") or "data"

@@ -1,0 +1,159 @@
+"""MLflow records: one run per training, nested under a study's parent run in a sweep.
+
+Uses an explicit MlflowClient (no fluent active-run state), so many runs in one process don't interfere and every
+run is ended with a status even when training dies: FINISHED, FAILED, or KILLED on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .model import ModelConfig, build_model
+
+WEIGHTS_FILE = "model/weights.pt"
+MODEL_CONFIG_FILE = "model/model_config.json"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists become their string form (MLflow params are strings)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def git_commit(path: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def make_client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def experiment_id(client, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # created meanwhile by a parallel worker
+        return client.get_experiment_by_name(name).experiment_id
+
+
+class RunRecorder:
+    """One MLflow run. As a context manager it ends the run FINISHED, KILLED (Ctrl-C) or FAILED (any error)."""
+
+    def __init__(self, client, experiment: str, run_name: str | None = None, parent_run_id: str | None = None,
+                 tags: Mapping[str, str] | None = None) -> None:
+        self.client = client
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags[PARENT_TAG] = parent_run_id
+        run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=all_tags)
+        self.run_id: str = run.info.run_id
+        self.experiment_id: str = run.info.experiment_id
+        self.final_status: str | None = None  # set to override the status chosen on exit
+
+    def __enter__(self) -> "RunRecorder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.final_status:
+            status = self.final_status
+        elif exc_type is None:
+            status = "FINISHED"
+        elif issubclass(exc_type, KeyboardInterrupt):
+            status = "KILLED"
+        else:
+            status = "FAILED"
+        if exc is not None:
+            self.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
+        self.client.set_terminated(self.run_id, status=status)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = _now_ms()
+        finite = [Metric(k, float(v), ts, step) for k, v in metrics.items() if math.isfinite(float(v))]
+        self.client.log_batch(self.run_id, metrics=finite)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_model_weights(self, model: torch.nn.Module, cfg: ModelConfig) -> None:
+        """state_dict + the ModelConfig that rebuilds it; `load_model` reads them back."""
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "model"
+            folder.mkdir()
+            state = getattr(model, "_orig_mod", model).state_dict()  # unwrap torch.compile
+            torch.save({k: v.detach().cpu() for k, v in state.items()}, folder / "weights.pt")
+            (folder / "model_config.json").write_text(json.dumps(cfg.__dict__, indent=2))
+            self.client.log_artifacts(self.run_id, str(folder), "model")
+
+
+def load_model(client, run_id: str) -> torch.nn.Module:
+    """Rebuild a logged model from its run: the inverse of RunRecorder.log_model_weights."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_path = client.download_artifacts(run_id, MODEL_CONFIG_FILE, tmp)
+        weights_path = client.download_artifacts(run_id, WEIGHTS_FILE, tmp)
+        model = build_model(ModelConfig(**json.loads(Path(cfg_path).read_text())))
+        model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def confusion_figure(counts: torch.Tensor, title: str):
+    """A labelled heat map of counts[true, predicted]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5.2), dpi=100)
+    ax.imshow(counts.log1p().numpy(), cmap="Blues")
+    for (t, p), n in zip(torch.cartesian_prod(torch.arange(10), torch.arange(10)).tolist(), counts.flatten().tolist()):
+        ax.text(p, t, str(n), ha="center", va="center", fontsize=7, color="white" if t == p else "black")
+    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)

@@ -1,0 +1,291 @@
+"""Turn a run's settings into a model, an optimizer and a training loop, and return its metrics.
+
+The loop is the classic one (pytorch/examples mnist): train an epoch, evaluate, step the scheduler. What is new:
+a validation split drives model selection, the test set is evaluated once at the end, bf16 autocast and
+channels_last are switches, and every epoch's metrics go to a callback instead of being printed here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .data import DataConfig, Splits, build_splits
+from .errors import ConfigError, DivergedError
+from .model import ModelConfig, build_model, count_parameters
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("fp32", "bf16")
+SCHEDULER_INTERVALS = ("epoch", "step")
+
+# Every metric a run records, with the direction that makes it better. The same strings are MLflow metric
+# keys, Optuna objective names and valid values of `optimized_metric`.
+METRIC_DIRECTIONS = {
+    "val/acc": "maximize",
+    "val/loss": "minimize",
+    "train/loss": "minimize",
+    "epoch_seconds": "minimize",
+    "train/images_per_s": "maximize",
+    "model/params": "minimize",
+}
+FINAL_ONLY_METRICS = ("test/acc", "test/loss")  # never an objective: the test set is not for selection
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    epochs: int = 1  # passes over the training split
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    seed: int = 1  # weights, dropout and batch order
+    deterministic: bool = False  # torch.use_deterministic_algorithms; slower on GPU
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    channels_last: bool = False  # NHWC memory format for the convs
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default (one per core)
+    compile: bool = False  # torch.compile the model (pays off only for long runs)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"trainer.epochs={self.epochs} must be >= 1")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"trainer.precision={self.precision!r} is not a precision; allowed: "
+                              f"{', '.join(PRECISIONS)}")
+        if self.threads < 0:
+            raise ConfigError(f"trainer.threads={self.threads} must be >= 0 (0 = torch's default)")
+        if self.device.split(":")[0] not in DEVICES:
+            raise ConfigError(f"trainer.device={self.device!r} is not a device; allowed: auto, cpu, cuda, "
+                              "cuda:N, mps")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one training run needs, already validated; no Hydra types."""
+
+    model: ModelConfig
+    data: DataConfig
+    trainer: TrainerConfig
+    make_optimizer: OptimizerFactory
+    make_scheduler: SchedulerFactory | None = None  # called with (optimizer, steps_per_epoch)
+    scheduler_interval: str = "epoch"  # epoch | step: when the scheduler steps
+    optimized_metric: tuple[str, ...] = ("val/acc",)
+
+    def __post_init__(self) -> None:
+        check_metric_names(self.optimized_metric)
+        if self.scheduler_interval not in SCHEDULER_INTERVALS:
+            raise ConfigError(f"scheduler.interval={self.scheduler_interval!r} is not allowed; allowed: "
+                              f"{', '.join(SCHEDULER_INTERVALS)}")
+
+
+def check_metric_names(names: Iterable[str]) -> None:
+    for name in names:
+        if name in FINAL_ONLY_METRICS:
+            raise ConfigError(f"optimized_metric={name!r} is measured on the test set, which is never used for "
+                              f"selection; allowed: {', '.join(METRIC_DIRECTIONS)}")
+        if name not in METRIC_DIRECTIONS:
+            raise ConfigError(f"optimized_metric={name!r} is not a metric this project records; allowed: "
+                              f"{', '.join(METRIC_DIRECTIONS)}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; an explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.device={name!r} but CUDA is not available here; use auto or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"trainer.device={name!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"trainer.device={name!r} but MPS is not available here; use auto or cpu")
+    return device
+
+
+def check_precision(precision: str, device: torch.device) -> str | None:
+    """Fail where bf16 cannot run; return a warning where it runs but slowly (emulated on this CPU)."""
+    if precision != "bf16":
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"trainer.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 support; "
+                          "use fp32")
+    if device.type == "mps":
+        raise ConfigError("trainer.precision=bf16 is not supported on mps here; use fp32")
+    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return ("trainer.precision=bf16: this CPU has no native bf16 (AVX512-BF16/AMX); autocast runs emulated "
+                "and is usually slower than fp32")
+    return None
+
+
+@dataclass
+class Prepared:
+    """A run, built and checked, ready to train: nothing has been trained or logged yet."""
+
+    spec: RunSpec
+    device: torch.device
+    splits: Splits
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    num_params: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def prepare(spec: RunSpec) -> Prepared:
+    """Everything that can fail on bad input or missing data, done before any training or tracking starts."""
+    device = resolve_device(spec.trainer.device)
+    warnings = [w for w in [check_precision(spec.trainer.precision, device)] if w]
+    if spec.trainer.threads:
+        torch.set_num_threads(spec.trainer.threads)
+    torch.use_deterministic_algorithms(spec.trainer.deterministic, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not spec.trainer.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    splits = build_splits(spec.data, device, seed=spec.trainer.seed)
+    torch.manual_seed(spec.trainer.seed)
+    model = build_model(spec.model).to(device)
+    num_params = count_parameters(model)
+    if spec.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    try:
+        optimizer = spec.make_optimizer(model.parameters())
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"optimizer: {e}") from None
+    scheduler = None
+    if spec.make_scheduler is not None:
+        try:
+            scheduler = spec.make_scheduler(optimizer, len(splits.train))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"scheduler: {e}") from None
+    if spec.trainer.compile:
+        model = torch.compile(model)
+    return Prepared(spec, device, splits, model, optimizer, scheduler, num_params, warnings)
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to_device(x: Tensor, y: Tensor, device: torch.device, channels_last: bool) -> tuple[Tensor, Tensor]:
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+NAN_CHECK_EVERY = 50  # steps between finiteness checks of the running loss (a check syncs the GPU)
+
+
+def train_epoch(p: Prepared, progress: Callable[[Iterable], Iterable] = iter) -> dict[str, float]:
+    """One pass over the training split. Returns train/loss, epoch_seconds, train/images_per_s."""
+    model, opt, sched, device, tcfg = p.model, p.optimizer, p.scheduler, p.device, p.spec.trainer
+    step_per_batch = sched is not None and p.spec.scheduler_interval == "step"
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    seen = 0
+    _sync(device)
+    start = time.perf_counter()
+    for step, (x, y) in enumerate(progress(p.splits.train)):
+        x, y = _to_device(x, y, device, tcfg.channels_last)
+        with autocast(tcfg.precision, device):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step_per_batch:
+            sched.step()
+        loss_sum += loss.detach().float() * len(y)
+        seen += len(y)
+        if step % NAN_CHECK_EVERY == 0 and not torch.isfinite(loss_sum):
+            raise DivergedError(_diverged_message(p, step))
+    _sync(device)
+    seconds = time.perf_counter() - start
+    mean_loss = (loss_sum / seen).item()
+    if not math.isfinite(mean_loss):
+        raise DivergedError(_diverged_message(p, len(p.splits.train) - 1))
+    return {"train/loss": mean_loss, "epoch_seconds": seconds, "train/images_per_s": seen / seconds}
+
+
+def _diverged_message(p: Prepared, step: int) -> str:
+    lr = p.optimizer.param_groups[0]["lr"]
+    return (f"training diverged: the loss became NaN/inf by step {step} (lr={lr:g}). Lower optimizer.lr, "
+            "or pick another optimizer or scheduler")
+
+
+@torch.no_grad()
+def evaluate(p: Prepared, batches: Iterable) -> tuple[dict[str, float], Tensor, Tensor]:
+    """Mean loss and accuracy over `batches`, plus the predictions and labels (CPU) for a confusion matrix."""
+    p.model.eval()
+    loss_sum = torch.zeros((), device=p.device)
+    preds, labels = [], []
+    for x, y in batches:
+        x, y = _to_device(x, y, p.device, p.spec.trainer.channels_last)
+        with autocast(p.spec.trainer.precision, p.device):
+            logits = p.model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        preds.append(logits.argmax(1))
+        labels.append(y)
+    pred, label = torch.cat(preds).cpu(), torch.cat(labels).cpu()
+    n = len(label)
+    return {"loss": (loss_sum / n).item(), "acc": (pred == label).float().mean().item()}, pred, label
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def fit(p: Prepared, on_epoch_end: EpochCallback | None = None,
+        progress: Callable[[Iterable, int], Iterable] | None = None) -> list[dict[str, float]]:
+    """Train for trainer.epochs; after each epoch call on_epoch_end(epoch, metrics). Returns the history.
+
+    The callback may raise (a pruner stopping a trial, Ctrl-C); the history so far was already handed to it.
+    """
+    history = []
+    for epoch in range(1, p.spec.trainer.epochs + 1):
+        wrap = (lambda it: progress(it, epoch)) if progress else iter
+        metrics = train_epoch(p, wrap)
+        val, _, _ = evaluate(p, p.splits.val)
+        metrics.update({"val/loss": val["loss"], "val/acc": val["acc"], "lr": p.optimizer.param_groups[0]["lr"]})
+        if p.scheduler is not None and p.spec.scheduler_interval == "epoch":
+            p.scheduler.step()
+        history.append(metrics)
+        if on_epoch_end:
+            on_epoch_end(epoch, metrics)
+    return history
+
+
+def objective_values(history: list[dict[str, float]], num_params: int, names: Iterable[str]) -> list[float]:
+    """The optimized metric(s) of a finished run: last epoch's value; epoch time and throughput averaged."""
+    values = []
+    for name in names:
+        if name == "model/params":
+            values.append(float(num_params))
+        elif name in ("epoch_seconds", "train/images_per_s"):
+            values.append(sum(h[name] for h in history) / len(history))
+        else:
+            values.append(history[-1][name])
+    return values
+
+
+def confusion_matrix(pred: Tensor, label: Tensor, num_classes: int = 10) -> Tensor:
+    """counts[true, predicted]"""
+    return torch.bincount(label * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)

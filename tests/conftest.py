@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny MNIST-format IDX files with a learnable pattern, and a runner for the real CLI."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+REAL_MNIST = Path(os.environ.get("MNIST_ROOT") or REPO.parent / "shared" / "data").absolute()
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """The IDX format MNIST ships in: magic (0, 0, dtype 0x08 = ubyte, ndim), big-endian dims, raw bytes."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class c is a bright 5x8 bar at one of ten places, on a noisy background: learnable in one epoch."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, size=(n, 28, 28))
+    for i, c in enumerate(labels):
+        r, col = 3 + (c // 5) * 14, 1 + (c % 5) * 5
+        images[i, r:r + 8, col:col + 5] = rng.integers(180, 256, size=(8, 5))
+    return images.astype(np.uint8), labels.astype(np.uint8)
+
+
+def make_synthetic_mnist(root: Path, n_train: int = 1200, n_test: int = 300) -> Path:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = synthetic_digits(n, seed)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return root
+
+
+@pytest.fixture
+def mnist_root(tmp_path: Path) -> Path:
+    """A data.root with 1,200 training and 300 test images in the real IDX format."""
+    return make_synthetic_mnist(tmp_path / "data")
+
+
+# Overrides that make a CLI run take seconds on tiny data: small net, small validation split.
+FAST = ["model=small", "data.val_size=200", "data.batch_size=32", "data.download=false", "trainer.epochs=2",
+        "trainer.device=cpu", "trainer.threads=1"]
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, module: str = "mnist_sweep",
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m mnist_sweep ARGS` in `cwd`, as a user would run it; output captured."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "MNIST_ROOT": str(cwd / "no-such-data"), **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def cli_args(tmp_path: Path, mnist_root: Path, *extra: str) -> list[str]:
+    """FAST overrides + data and MLflow under tmp_path + Hydra's run dir under tmp_path."""
+    return [*FAST, f"data.root={mnist_root}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"hydra.run.dir={tmp_path / 'outputs' / 'run'}", f"hydra.sweep.dir={tmp_path / 'outputs' / 'sweep'}",
+            *extra]
+
+
+def mlflow_runs(tmp_path: Path, experiment: str = "mnist_sweep"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return client, []
+    return client, client.search_runs([exp.experiment_id], max_results=1000)

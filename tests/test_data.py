@@ -1,0 +1,127 @@
+import numpy as np
+import pytest
+import torch
+
+from mnist_sweep import data
+from mnist_sweep.data import DataConfig, TensorBatches, build_splits, load_mnist, normalize, split_indices
+from mnist_sweep.errors import ConfigError, DataError
+
+from conftest import make_synthetic_mnist, write_idx
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    data.clear_cache()
+    yield
+    data.clear_cache()
+
+
+def test_batches_cover_every_index_once_per_epoch():
+    n = 103
+    batches = TensorBatches(torch.arange(n).float(), torch.arange(n), batch_size=10, shuffle=True, seed=5)
+    assert len(batches) == 11
+    epochs = []
+    for _ in range(3):
+        seen = torch.cat([y for _, y in batches])
+        assert sorted(seen.tolist()) == list(range(n))
+        epochs.append(seen)
+    assert not torch.equal(epochs[0], epochs[1])  # reshuffled every epoch
+
+
+def test_batches_are_seed_deterministic():
+    def order(seed):
+        b = TensorBatches(torch.zeros(50), torch.arange(50), batch_size=7, shuffle=True, seed=seed)
+        return [torch.cat([y for _, y in b]) for _ in range(2)]
+    a, b, c = order(1), order(1), order(2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+
+
+def test_unshuffled_batches_keep_order():
+    b = TensorBatches(torch.zeros(25), torch.arange(25), batch_size=10, shuffle=False)
+    assert torch.cat([y for _, y in b]).tolist() == list(range(25))
+
+
+def test_split_is_disjoint_seeded_and_complete():
+    train, val = split_indices(100, 20, seed=0)
+    assert len(val) == 20 and len(train) == 80
+    assert sorted(torch.cat([train, val]).tolist()) == list(range(100))
+    assert torch.equal(split_indices(100, 20, seed=0)[1], val)
+    assert not torch.equal(split_indices(100, 20, seed=1)[1], val)
+
+
+def test_split_that_leaves_no_training_data_is_refused():
+    with pytest.raises(ConfigError, match=r"data\.val_size=100 leaves no training data"):
+        split_indices(100, 100, seed=0)
+
+
+def test_normalize_equals_totensor_and_normalize():
+    from PIL import Image
+    from torchvision import transforms
+
+    images = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
+    ours = normalize(images, 0.1307, 0.3081, torch.device("cpu"))
+    classic = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    theirs = torch.stack([classic(Image.fromarray(im.numpy(), mode="L")) for im in images])
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_memory_and_classic_loaders_serve_the_same_split(mnist_root):
+    cfg = DataConfig(root=str(mnist_root), download=False, val_size=100, batch_size=50)
+    mem = build_splits(cfg, torch.device("cpu"), seed=0)
+    classic = build_splits(DataConfig(**{**cfg.__dict__, "loader": "classic"}), torch.device("cpu"), seed=0)
+    assert (mem.num_train, mem.num_val, mem.num_test) == (1100, 100, 300)
+    for a, b in ((mem.val, classic.val), (mem.test, classic.test)):
+        xa, ya = map(torch.cat, zip(*a))
+        xb, yb = map(torch.cat, zip(*b))
+        torch.testing.assert_close(xa, xb)
+        assert torch.equal(ya, yb)
+
+
+def test_dataset_is_loaded_once_per_process(mnist_root, monkeypatch):
+    first = load_mnist(str(mnist_root), False)
+    monkeypatch.setattr(data, "_torchvision_mnist", lambda *a, **k: pytest.fail("loaded twice"))
+    assert load_mnist(str(mnist_root), False) is first
+
+
+def test_augmentation_keeps_shape_and_moves_pixels():
+    x = torch.zeros(8, 1, 28, 28)
+    x[:, :, 10:18, 10:18] = 1.0
+    out = data.augment(x, max_shift=3, max_rotation=15, generator=torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    assert not torch.allclose(out, x)
+    assert abs(out.sum() - x.sum()) / x.sum() < 0.2  # moved, not erased
+
+
+def test_missing_data_offline_says_where_and_how_to_fix(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_mnist(str(tmp_path / "empty"), download=False)
+    msg = str(err.value)
+    assert str(tmp_path / "empty" / "MNIST" / "raw") in msg
+    assert "MNIST_ROOT" in msg and "data.root" in msg and "train-images-idx3-ubyte" in msg
+
+
+def test_failed_download_is_a_clear_error_not_a_traceback(tmp_path, monkeypatch):
+    from torchvision.datasets import MNIST
+
+    def offline(self):  # what torchvision raises when every mirror is unreachable
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://mirror/, got:\n"
+                           "<urlopen error [Errno -2] Name or service not known>")
+    monkeypatch.setattr(MNIST, "download", offline)
+    with pytest.raises(DataError, match="download failed: Error downloading .* Name or service not known"):
+        load_mnist(str(tmp_path / "empty"), download=True)
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    root = make_synthetic_mnist(tmp_path / "data", n_train=50, n_test=20)
+    path = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        load_mnist(str(root), download=False)
+
+
+def test_images_and_labels_of_different_lengths_are_refused(tmp_path):
+    root = make_synthetic_mnist(tmp_path / "data", n_train=50, n_test=20)
+    write_idx(root / "MNIST" / "raw" / "train-labels-idx1-ubyte", np.zeros(49, dtype=np.uint8))
+    with pytest.raises(DataError, match="50 images but 49 labels"):
+        load_mnist(str(root), download=False)

@@ -1,0 +1,96 @@
+"""The training loop in-process on tiny synthetic data: metrics, objectives, divergence, bf16."""
+
+import functools
+import math
+
+import pytest
+import torch
+
+from mnist_sweep import data
+from mnist_sweep.data import DataConfig
+from mnist_sweep.errors import ConfigError, DivergedError
+from mnist_sweep.model import ModelConfig
+from mnist_sweep.train import (
+    RunSpec, TrainerConfig, confusion_matrix, evaluate, fit, objective_values, prepare, resolve_device)
+
+SMALL = ModelConfig(conv1_channels=8, conv2_channels=16, fc_width=32)
+
+
+def spec_for(root, lr=1.0, epochs=2, **trainer):
+    return RunSpec(
+        model=SMALL,
+        data=DataConfig(root=str(root), download=False, val_size=200, batch_size=32),
+        trainer=TrainerConfig(epochs=epochs, device="cpu", **trainer),
+        make_optimizer=functools.partial(torch.optim.Adadelta, lr=lr),
+    )
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    data.clear_cache()
+
+
+def test_fit_reports_every_metric_each_epoch_and_learns(mnist_root):
+    p = prepare(spec_for(mnist_root))
+    seen = []
+    history = fit(p, on_epoch_end=lambda epoch, m: seen.append((epoch, m)))
+    assert [e for e, _ in seen] == [1, 2]
+    for m in history:
+        assert set(m) == {"train/loss", "val/loss", "val/acc", "lr", "epoch_seconds", "train/images_per_s"}
+        assert all(math.isfinite(v) for v in m.values())
+    assert history[-1]["val/acc"] > 0.8  # chance is 0.1
+    test, pred, label = evaluate(p, p.splits.test)
+    assert test["acc"] > 0.8 and len(pred) == len(label) == 300
+
+
+def test_same_seed_same_result(mnist_root):
+    a = fit(prepare(spec_for(mnist_root, epochs=1)))
+    b = fit(prepare(spec_for(mnist_root, epochs=1)))
+    assert a[0]["train/loss"] == pytest.approx(b[0]["train/loss"], rel=1e-5)
+
+
+def test_bf16_trains_to_the_same_accuracy_band(mnist_root):
+    fp32 = fit(prepare(spec_for(mnist_root)))[-1]["val/acc"]
+    bf16 = fit(prepare(spec_for(mnist_root, precision="bf16")))[-1]["val/acc"]
+    assert bf16 > 0.8 and abs(bf16 - fp32) < 0.1
+
+
+def test_huge_learning_rate_diverges_with_a_clear_error(mnist_root):
+    p = prepare(spec_for(mnist_root, lr=1e12))
+    with pytest.raises(DivergedError, match=r"NaN/inf .*lr=1e\+12"):
+        fit(p)
+
+
+def test_objective_values():
+    history = [{"val/acc": 0.5, "epoch_seconds": 2.0}, {"val/acc": 0.7, "epoch_seconds": 4.0}]
+    assert objective_values(history, 123, ["val/acc", "epoch_seconds", "model/params"]) == [0.7, 3.0, 123.0]
+
+
+def test_confusion_matrix_counts_true_by_predicted():
+    cm = confusion_matrix(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2]), num_classes=3)
+    assert cm.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"epochs": 0}, r"trainer\.epochs=0"), ({"device": "tpu"}, r"trainer\.device='tpu'"),
+    ({"precision": "fp16"}, r"trainer\.precision='fp16'"), ({"threads": -1}, r"trainer\.threads=-1")])
+def test_bad_trainer_values(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainerConfig(**kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_requested_without_cuda():
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        resolve_device("cuda")
+
+
+def test_optimized_metric_must_exist(mnist_root):
+    with pytest.raises(ConfigError, match="'val/f1' is not a metric"):
+        RunSpec(model=SMALL, data=DataConfig(root="x"), trainer=TrainerConfig(),
+                make_optimizer=torch.optim.SGD, optimized_metric=("val/f1",))
+
+
+def test_bad_learning_rate_fails_before_training(mnist_root):
+    with pytest.raises(ConfigError, match="optimizer: Invalid learning rate"):
+        prepare(spec_for(mnist_root, lr=-1.0))
