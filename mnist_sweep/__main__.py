@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,10 @@ from .train import (
 )
 
 log = logging.getLogger("mnist_sweep")
+# outputs/configs (where sweeps write <study>_best experiments) is on Hydra's search path before it exists
+warnings.filterwarnings("ignore", message=r".*path=outputs/configs is not available")
 REPO = Path(__file__).resolve().parent.parent
-TRUSTED_TARGETS = ("torch.optim.*",)  # what a config's _target_ may name: optimizers and lr schedulers
+TRUSTED_TARGETS = ("torch.optim.*", "optuna.pruners.*")  # what a config's _target_ may name
 
 
 def _section(cfg: DictConfig, key: str, cls: type) -> Any:
@@ -101,23 +105,30 @@ def progress_bar(enabled: bool, epochs: int, batch_size: int):
 
     def wrap(batches, epoch):
         return tqdm(batches, total=len(batches), desc=f"epoch {epoch}/{epochs}", leave=False,
-                    unit="batch", dynamic_ncols=True, file=sys.stdout)
+                    unit="img", unit_scale=batch_size, dynamic_ncols=True, file=sys.stdout)
 
     return wrap
 
 
 def train_and_record(cfg: DictConfig, spec: RunSpec, parent_run_id: str | None = None,
-                     extra_tags: dict[str, str] | None = None, on_epoch_end=None) -> tuple[list[float], str]:
-    """Prepare (fail fast), then train inside one MLflow run; returns (objective values, run id)."""
+                     extra_tags: dict[str, str] | None = None, on_epoch_end=None,
+                     on_start=None, finished_on: tuple[type, ...] = ()) -> tuple[list[float], str]:
+    """Prepare (fail fast), then train inside one MLflow run; returns (objective values, run id).
+
+    on_start(run_id) is called once the MLflow run exists; on_epoch_end(epoch, metrics) after every epoch.
+    """
     prepared = prepare(spec)
     for warning in prepared.warnings:
         log.warning(warning)
     client = tracking.make_client(cfg.mlflow.tracking_uri)
     tags = run_tags(str(prepared.device)) | (extra_tags or {})
-    with tracking.RunRecorder(client, cfg.mlflow.experiment, cfg.mlflow.run_name, parent_run_id, tags) as rec:
+    with tracking.RunRecorder(client, cfg.mlflow.experiment, cfg.mlflow.run_name, parent_run_id, tags,
+                              finished_on) as rec:
         rec.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
         rec.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         rec.log_metrics({"model/params": prepared.num_params}, step=0)
+        if on_start:
+            on_start(rec.run_id)
 
         def epoch_end(epoch: int, metrics: dict[str, float]) -> None:
             rec.log_metrics(metrics, step=epoch)
@@ -126,9 +137,12 @@ def train_and_record(cfg: DictConfig, spec: RunSpec, parent_run_id: str | None =
                 on_epoch_end(epoch, metrics)
 
         bar = progress_bar(sys.stdout.isatty(), spec.trainer.epochs, spec.data.batch_size)
+        start = time.perf_counter()
         history = fit(prepared, epoch_end, bar)
+        fit_seconds = time.perf_counter() - start
         test, pred, label = evaluate(prepared, prepared.splits.test)
-        rec.log_metrics({"test/acc": test["acc"], "test/loss": test["loss"]}, step=spec.trainer.epochs)
+        rec.log_metrics({"test/acc": test["acc"], "test/loss": test["loss"], "time/fit_seconds": fit_seconds,
+                         "time/test_seconds": time.perf_counter() - start - fit_seconds}, step=spec.trainer.epochs)
         rec.log_model_weights(prepared.model, spec.model)
         rec.log_figure(tracking.confusion_figure(confusion_matrix(pred, label),
                                                  f"test set: accuracy {test['acc']:.4f}"), "confusion_matrix.png")
@@ -141,11 +155,32 @@ def train_and_record(cfg: DictConfig, spec: RunSpec, parent_run_id: str | None =
     return values, rec.run_id
 
 
+def trial_hooks(cfg: DictConfig, spec: RunSpec) -> dict[str, Any]:
+    """In a sweep, the job's link to its Optuna trial: per-epoch reports (pruning) and the MLflow nesting."""
+    ref = cfg.get("optuna_trial")
+    if ref is None or ref.number is None:
+        return {}
+    import optuna
+
+    from .sweep import TrialRef, TrialReporter
+
+    pruner = _factory(cfg.pruner, "pruner")[0]
+    reporter = TrialReporter(TrialRef(ref.storage, ref.study, int(ref.number)), pruner() if pruner else None,
+                             metric=spec.optimized_metric[0], multi_objective=len(spec.optimized_metric) > 1)
+    return {
+        "parent_run_id": ref.parent_run_id,
+        "extra_tags": {"trial_number": str(ref.number), "study": ref.study},
+        "on_epoch_end": reporter,
+        "on_start": lambda run_id: reporter.trial.set_user_attr("mlflow_run_id", run_id),
+        "finished_on": (optuna.TrialPruned,),  # a pruned trial's run is complete as far as it went
+    }
+
+
 @hydra.main(config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | list[float]:
     try:
         spec = build_spec(cfg)
-        values, _ = train_and_record(cfg, spec)
+        values, _ = train_and_record(cfg, spec, **trial_hooks(cfg, spec))
     except UserError as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise

@@ -6,6 +6,7 @@ run is ended with a status even when training dies: FINISHED, FAILED, or KILLED 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import subprocess
@@ -42,7 +43,9 @@ def git_commit(path: Path) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+@functools.lru_cache(maxsize=8)
 def make_client(tracking_uri: str):
+    """One client per URI per process: opening a store checks the database schema, which takes a second."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
@@ -64,8 +67,9 @@ class RunRecorder:
     """One MLflow run. As a context manager it ends the run FINISHED, KILLED (Ctrl-C) or FAILED (any error)."""
 
     def __init__(self, client, experiment: str, run_name: str | None = None, parent_run_id: str | None = None,
-                 tags: Mapping[str, str] | None = None) -> None:
+                 tags: Mapping[str, str] | None = None, finished_on: tuple[type, ...] = ()) -> None:
         self.client = client
+        self.finished_on = finished_on  # exceptions that end the run FINISHED (a pruned trial), not FAILED
         all_tags = dict(tags or {})
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
@@ -74,20 +78,30 @@ class RunRecorder:
         self.experiment_id: str = run.info.experiment_id
         self.final_status: str | None = None  # set to override the status chosen on exit
 
+    @classmethod
+    def resume(cls, client, run_id: str) -> "RunRecorder":
+        """Reopen a run (a study's parent run on resume): RUNNING again until it is ended."""
+        rec = cls.__new__(cls)
+        run = client.get_run(run_id)
+        rec.client, rec.run_id, rec.experiment_id = client, run_id, run.info.experiment_id
+        rec.final_status, rec.finished_on = None, ()
+        client.update_run(run_id, status="RUNNING")
+        return rec
+
     def __enter__(self) -> "RunRecorder":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.final_status:
             status = self.final_status
-        elif exc_type is None:
+        elif exc_type is None or issubclass(exc_type, self.finished_on):
             status = "FINISHED"
         elif issubclass(exc_type, KeyboardInterrupt):
             status = "KILLED"
         else:
             status = "FAILED"
         if exc is not None:
-            self.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
+            self.set_tags({"end_reason": f"{type(exc).__name__}: {exc}"[:5000]})
         self.client.set_terminated(self.run_id, status=status)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -136,6 +150,21 @@ def load_model(client, run_id: str) -> torch.nn.Module:
     return model.eval()
 
 
+def child_runs(client, parent_run_id: str, status: str | None = None) -> list:
+    """The runs nested under `parent_run_id` (optionally only those with `status`)."""
+    parent = client.get_run(parent_run_id)
+    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
+    if status:
+        query += f" and attributes.status = '{status}'"
+    runs, token = [], None
+    while True:
+        page = client.search_runs([parent.info.experiment_id], query, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 def confusion_figure(counts: torch.Tensor, title: str):
     """A labelled heat map of counts[true, predicted]."""
     import matplotlib
@@ -143,12 +172,13 @@ def confusion_figure(counts: torch.Tensor, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 5.2), dpi=100)
+    fig, ax = plt.subplots(figsize=(5.5, 5), dpi=80)
     ax.imshow(counts.log1p().numpy(), cmap="Blues")
-    for (t, p), n in zip(torch.cartesian_prod(torch.arange(10), torch.arange(10)).tolist(), counts.flatten().tolist()):
-        ax.text(p, t, str(n), ha="center", va="center", fontsize=7, color="white" if t == p else "black")
+    for t, p in counts.nonzero().tolist():  # zeros stay blank: the mistakes stand out
+        ax.text(p, t, str(counts[t, p].item()), ha="center", va="center", fontsize=7,
+                color="white" if t == p else "black")
     ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true", title=title)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.1, top=0.93)
     plt.close(fig)
     return fig
 

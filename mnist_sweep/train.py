@@ -149,7 +149,8 @@ def prepare(spec: RunSpec) -> Prepared:
     warnings = [w for w in [check_precision(spec.trainer.precision, device)] if w]
     if spec.trainer.threads:
         torch.set_num_threads(spec.trainer.threads)
-    torch.use_deterministic_algorithms(spec.trainer.deterministic, warn_only=True)
+    if torch.are_deterministic_algorithms_enabled() != spec.trainer.deterministic:  # the call costs seconds
+        torch.use_deterministic_algorithms(spec.trainer.deterministic, warn_only=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not spec.trainer.deterministic
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -75,7 +75,7 @@ def test_bad_input_fails_with_one_clear_message(tmp_path, mnist_root, override, 
     assert all(r.info.status != "RUNNING" for r in runs)
     if override == "optimizer.lr=1e12":  # died after MLflow started: recorded as failed, with the reason
         assert [r.info.status for r in runs] == ["FAILED"]
-        assert "diverged" in runs[0].data.tags["error"]
+        assert "diverged" in runs[0].data.tags["end_reason"]
     else:  # refused before training: nothing recorded at all
         assert runs == []
 

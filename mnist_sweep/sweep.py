@@ -1,0 +1,261 @@
+"""Optuna studies that resume, prune and survive crashes; no Hydra here (the sweeper plugin calls this).
+
+The split of work:
+- the sweeper process opens the study (`open_study`), fails trials left RUNNING by a dead process, asks for
+  trials, keeps their heartbeat while they train, and tells their final state;
+- each trial's job reports its validation metric per epoch (`TrialReporter`) to the same storage, so the
+  pruner can stop it, whether the job runs in the sweeper's process or in another one.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import threading
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from .errors import ConfigError
+from .train import METRIC_DIRECTIONS
+
+PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the MLflow parent run, reused on resume
+FAIL_REASON_ATTR = "fail_reason"  # trial user attr: why a trial failed
+OVERRIDES_ATTR = "overrides"  # trial user attr: the command-line overrides that reproduce the trial
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+# Heartbeats, stale-trial retries and the matplotlib plots are "experimental" in Optuna since 2.x; they are what
+# this module is built on, so the per-call warnings are noise. Heartbeats with ask/tell are deliberate here.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+warnings.filterwarnings("ignore", message="Target and region quantiles select the same set of trials")
+
+
+def directions_for(metrics: Sequence[str]) -> list[str]:
+    """'maximize'/'minimize' for each optimized metric: the direction follows from the metric."""
+    return [METRIC_DIRECTIONS[m] for m in metrics]
+
+
+def study_name_for(space_name: str, search_space: dict[str, Any], fixed: Sequence[str]) -> str:
+    """A stable name from the search space: the same command resumes the same study, another space gets its own."""
+    text = json.dumps({"space": {k: repr(v) for k, v in sorted(search_space.items())}, "fixed": sorted(fixed)})
+    return f"{space_name}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+def sqlite_parent(url: str) -> Path | None:
+    """The folder a relative or absolute sqlite URL's file lives in (to create it), else None."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or url == prefix + ":memory:":
+        return None
+    return Path(url[len(prefix):]).parent
+
+
+@functools.lru_cache(maxsize=8)
+def make_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30) -> RDBStorage:
+    """One RDBStorage per URL per process (engine creation is the slow part), with heartbeats so that a
+    trial whose process died is failed and retried once instead of staying RUNNING forever."""
+    folder = sqlite_parent(url)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    try:
+        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                          grace_period=grace_period,
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+    except Exception as e:
+        raise ConfigError(f"Optuna storage {url!r} could not be opened: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def open_study(storage: RDBStorage, name: str, directions: list[str], sampler: optuna.samplers.BaseSampler,
+               pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+    """Create or resume the study, then fail (and re-queue once) trials whose process stopped beating."""
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
+                                    directions=directions, load_if_exists=True)
+    except ValueError as e:  # e.g. resumed with other directions
+        raise ConfigError(f"study {name!r}: {e}") from None
+    optuna.storages.fail_stale_trials(study)
+    return study
+
+
+def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
+    """Numbers of trials that failed stale and were re-queued: their retry stands in for them in the budget."""
+    numbers = set()
+    for t in trials:
+        original = RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
+        if original is not None:
+            numbers.add(original)
+    return numbers
+
+
+def budget_used(study: optuna.Study) -> int:
+    """Trials that count toward n_trials: finished or running, not counting stale ones that were re-queued."""
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    return sum(1 for t in trials if t.state != TrialState.WAITING and t.number not in retried)
+
+
+def failed_count(study: optuna.Study) -> int:
+    """Failed trials that count against max_failure_rate: not those failed stale and re-queued."""
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    return sum(1 for t in trials if t.state == TrialState.FAIL and t.number not in retried)
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    counts = {s.name: 0 for s in TrialState}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name] += 1
+    return counts
+
+
+@contextmanager
+def heartbeat(storage: RDBStorage, trial_ids: Sequence[int]) -> Iterator[None]:
+    """Record the trials' heartbeats while their jobs run (ask/tell gives no heartbeat by itself)."""
+    stop = threading.Event()
+    interval = storage.get_heartbeat_interval() or 10
+
+    def beat() -> None:
+        while True:
+            for trial_id in trial_ids:
+                try:
+                    storage.record_heartbeat(trial_id)
+                except Exception:  # a finished trial, a hiccup of the database: the next beat retries
+                    pass
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name="optuna-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def reseeded(sampler_seed: int | None, used: int) -> int | None:
+    """A resumed study must not replay the random start of the last invocation: offset the seed by the
+    number of trials already in the study (deterministic for the same history)."""
+    return None if sampler_seed is None else sampler_seed + used
+
+
+@dataclass(frozen=True)
+class TrialRef:
+    """What a trial's job needs to find its trial: handed over as config values, so it crosses processes."""
+
+    storage: str
+    study: str
+    number: int
+    heartbeat_interval: int = 10
+    grace_period: int = 30
+
+
+class TrialReporter:
+    """Reports a job's per-epoch metric to its Optuna trial and raises optuna.TrialPruned when the pruner says
+    stop. Multi-objective trials are not pruned (Optuna does not support it); they only record values."""
+
+    def __init__(self, ref: TrialRef, pruner: optuna.pruners.BasePruner, metric: str, multi_objective: bool):
+        storage = make_storage(ref.storage, ref.heartbeat_interval, ref.grace_period)
+        study = optuna.load_study(study_name=ref.study, storage=storage, pruner=pruner)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, ref.number)
+        self.trial = optuna.trial.Trial(study, trial_id)
+        self.metric = metric
+        self.multi_objective = multi_objective
+        self.last_epoch = 0
+
+    def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.last_epoch = epoch
+        if self.multi_objective:
+            self.trial.set_user_attr(f"epoch_{epoch}/{self.metric}", metrics[self.metric])
+            return
+        self.trial.report(metrics[self.metric], step=epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after epoch {epoch}: {self.metric}={metrics[self.metric]:.4f}")
+
+
+def best_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The best trial (single objective) or the Pareto front; empty when nothing completed."""
+    completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not completed:
+        return []
+    return study.best_trials if len(study.directions) > 1 else [study.best_trial]
+
+
+def results_summary(study: optuna.Study) -> dict[str, Any]:
+    """optimization_results.yaml, in the shape the hydra-optuna-sweeper plugin writes it."""
+    best = best_trials(study)
+    if len(study.directions) > 1:
+        return {"name": "optuna", "solutions": [{"params": t.params, "values": t.values} for t in best]}
+    if not best:
+        return {"name": "optuna", "best_params": {}, "best_value": None}
+    return {"name": "optuna", "best_params": best[0].params, "best_value": best[0].value}
+
+
+def experiment_yaml(overrides: Sequence[str], groups: set[str], comment: str) -> str:
+    """A `# @package _global_` experiment config that reproduces a trial's overrides.
+
+    Group choices (`optimizer=adamw`) go into the defaults list, values (`model.dropout=0.3`) into the body.
+    """
+    import yaml
+
+    choices, values = [], {}
+    for item in overrides:
+        if item.startswith("~"):  # a deletion of a group (e.g. ~hparams_search) means nothing for one run
+            continue
+        key, _, value = item.partition("=")
+        key = key.lstrip("+")
+        if key in groups:
+            choices.append(f"override /{key}: {value}")
+            continue
+        node = values
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value) if value else None
+    lines = ["# @package _global_", f"# {comment}"]
+    if choices:
+        lines += ["defaults:"] + [f"  - {c}" for c in choices]
+    body = yaml.safe_dump(values, sort_keys=True).strip() if values else ""
+    return "\n".join(lines + ([body] if body else [])) + "\n"
+
+
+def history_figures(study: optuna.Study) -> dict[str, Any]:
+    """Optuna's own matplotlib plots, as {artifact name: figure}; plots that need more trials are skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    figures: dict[str, Any] = {}
+    completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not completed:
+        return figures
+    plots = {"optimization_history.png": ovm.plot_optimization_history}
+    if len(completed) >= 2 and len(study.directions) == 1:
+        plots["param_importances.png"] = ovm.plot_param_importances
+    if len(study.directions) > 1 and len(study.directions) <= 3 and completed:
+        plots = {"pareto_front.png": ovm.plot_pareto_front}
+    for name, plot in plots.items():
+        try:
+            if len(study.directions) > 1 and name == "optimization_history.png":
+                continue
+            ax = plot(study)
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            fig.set_size_inches(8, 5)
+            fig.tight_layout()
+            figures[name] = fig
+            plt.close(fig)
+        except Exception:  # too few distinct values for importances, and the like: skip the picture
+            continue
+    return figures

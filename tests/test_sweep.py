@@ -1,0 +1,225 @@
+"""Sweeps through the real CLI (`python -m mnist_sweep --multirun`) on tiny synthetic data: trial counts,
+MLflow nesting, pruning, resume, crash recovery, the joblib launcher, failures and multi-objective studies."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from conftest import cli_args, mlflow_runs, run_cli
+
+pytestmark = pytest.mark.slow
+
+# a sweep over two plain values on the tiny data; the default space would be slower and is tested for composition
+SPACE = ["~hparams_search", "model.dropout=interval(0.1,0.6)", "optimizer.lr=tag(log,interval(0.1,1.0))"]
+
+
+def sweep_args(tmp_path, mnist_root, *extra):
+    return ["--multirun", *cli_args(tmp_path, mnist_root, "trainer.epochs=1"),
+            f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}", "hydra.sweeper.study_name=s",
+            f"hydra.sweeper.experiment_dir={tmp_path / 'configs'}", *extra]
+
+
+def load(tmp_path, name="s") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+
+
+def study_and_runs(tmp_path):
+    client, runs = mlflow_runs(tmp_path)
+    parents = [r for r in runs if r.data.tags.get("kind") == "study"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return load(tmp_path), client, parents, children
+
+
+def test_sweep_runs_its_trials_each_nested_under_one_parent(tmp_path, mnist_root):
+    result = run_cli(sweep_args(tmp_path, mnist_root, *SPACE, "hydra.sweeper.n_trials=3"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study, client, parents, children = study_and_runs(tmp_path)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert sorted(int(c.data.tags["trial_number"]) for c in children) == [0, 1, 2]
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert all(c.data.tags["trial_state"] == "COMPLETE" for c in children)
+    assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {c.info.run_id for c in children}
+    # the parent: study params, best value and params, trial counts, plots
+    assert parent.data.params["study"] == "s" and "space.model.dropout" in parent.data.params
+    assert parent.data.metrics["best/val/acc"] == pytest.approx(study.best_value)
+    assert parent.data.metrics["trials/complete"] == 3
+    assert float(parent.data.tags["best.model.dropout"]) == pytest.approx(study.best_params["model.dropout"])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"optimization_history.png", "param_importances.png", "optimization_results.yaml"} <= artifacts
+    # the plugin's results file, and a loadable experiment config for the best trial
+    (results_file,) = (tmp_path / "outputs" / "sweep").glob("optimization_results.yaml")
+    results = yaml.safe_load(results_file.read_text())
+    assert results["best_value"] == pytest.approx(study.best_value)
+    best = yaml.safe_load((tmp_path / "configs" / "experiment" / "s_best.yaml").read_text())
+    assert best["model"]["dropout"] == pytest.approx(study.best_params["model.dropout"])
+    assert "python -m mnist_sweep experiment=s_best" in result.stdout + result.stderr
+
+
+def test_best_trial_experiment_config_reruns(tmp_path, mnist_root):
+    args = sweep_args(tmp_path, mnist_root, *SPACE, "hydra.sweeper.n_trials=2")
+    assert run_cli(args, cwd=tmp_path).returncode == 0
+    job = run_cli([f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "experiment=s_best", "--cfg", "job"],
+                  cwd=tmp_path)
+    assert job.returncode == 0, job.stderr[-2000:]
+    assert f"dropout: {load(tmp_path).best_params['model.dropout']}" in job.stdout
+
+
+def test_resume_continues_the_same_study_to_its_total_budget(tmp_path, mnist_root):
+    first = run_cli(sweep_args(tmp_path, mnist_root, *SPACE, "hydra.sweeper.n_trials=3"), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli(sweep_args(tmp_path, mnist_root, *SPACE, "hydra.sweeper.n_trials=5"), cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    study, _, parents, children = study_and_runs(tmp_path)
+    assert len(study.trials) == 5 and all(t.state == TrialState.COMPLETE for t in study.trials)
+    params = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(params)) == 5  # the seeded sampler did not replay the first invocation's proposals
+    assert len(parents) == 1 and len(children) == 5
+    # a third run with the budget already spent runs nothing
+    third = run_cli(sweep_args(tmp_path, mnist_root, *SPACE, "hydra.sweeper.n_trials=5"), cwd=tmp_path)
+    assert third.returncode == 0 and len(load(tmp_path).trials) == 5
+
+
+def test_the_same_command_derives_the_same_study_name(tmp_path, mnist_root):
+    args = [a for a in sweep_args(tmp_path, mnist_root, *SPACE, "hydra.sweeper.n_trials=1")
+            if not a.startswith("hydra.sweeper.study_name")]
+    assert run_cli(args, cwd=tmp_path).returncode == 0
+    assert run_cli([*args[:-1], "hydra.sweeper.n_trials=2"], cwd=tmp_path).returncode == 0
+    (summary,) = optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert summary.study_name.startswith("default-") and summary.n_trials == 2
+
+
+def test_hopeless_trials_are_pruned_and_their_runs_say_so(tmp_path, mnist_root):
+    # half the space cannot learn (Adadelta at lr 1e-6): the median pruner stops those after epoch 1.
+    # Random sampler, seed 0, draws lr = 1, 1e-6, 1, 1, 1e-6, 1e-6: the first hopeless trial meets a finished one
+    result = run_cli(sweep_args(tmp_path, mnist_root, "~hparams_search", "optimizer.lr=choice(1e-6,1.0)",
+                                "trainer.epochs=3", "hydra.sweeper.n_trials=5", "hydra/sweeper/sampler=random",
+                                "hydra.sweeper.sampler.seed=0", "pruner.n_startup_trials=1"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study, client, _, children = study_and_runs(tmp_path)
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert pruned, [(t.params, t.state) for t in study.trials]
+    assert all(t.params["optimizer.lr"] == 1e-6 for t in pruned)
+    assert all(len(t.intermediate_values) < 3 for t in pruned)
+    runs = {c.info.run_id: c for c in children}
+    for t in pruned:
+        run = runs[t.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["trial_state"] == "PRUNED" and run.info.status == "FINISHED"
+        assert "pruned after epoch" in run.data.tags["end_reason"]
+        assert client.get_metric_history(run.info.run_id, "val/acc")  # keeps its curve up to the cut
+    assert study.best_trial.params["optimizer.lr"] == 1.0
+
+
+def test_joblib_launcher_runs_trials_in_parallel_processes_and_prunes(tmp_path, mnist_root):
+    result = run_cli(sweep_args(tmp_path, mnist_root, "~hparams_search", "optimizer.lr=choice(1e-6,1.0)",
+                                "trainer.epochs=3", "hydra.sweeper.n_trials=6", "hydra/sweeper/sampler=random",
+                                "hydra.sweeper.sampler.seed=0", "pruner.n_startup_trials=1",
+                                "hydra/launcher=joblib", "hydra.sweeper.n_jobs=2"), cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study, _, parents, children = study_and_runs(tmp_path)
+    assert len(study.trials) == 6 and len(children) == 6 and len(parents) == 1
+    assert any(t.state == TrialState.PRUNED for t in study.trials)
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+    # 2 jobs on this machine's cores: each job got cores // 2 torch threads
+    expected = max(1, (os.cpu_count() or 1) // 2)
+    assert {c.data.params["trainer.threads"] for c in children} == {str(expected)}
+
+
+def test_a_diverging_trial_fails_with_its_reason_and_the_sweep_goes_on(tmp_path, mnist_root):
+    result = run_cli(sweep_args(tmp_path, mnist_root, "~hparams_search", "optimizer.lr=choice(1.0,1e12)",
+                                "hydra.sweeper.n_trials=4", "hydra/sweeper/sampler=grid",
+                                "hydra.sweeper.max_failure_rate=0.6"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = load(tmp_path)
+    states = {t.params["optimizer.lr"]: t.state for t in study.trials}
+    assert states == {1.0: TrialState.COMPLETE, 1e12: TrialState.FAIL}  # the grid has 2 points: 2 trials
+    failed = [t for t in study.trials if t.state == TrialState.FAIL][0]
+    assert "training diverged" in failed.user_attrs["fail_reason"]
+
+
+def test_max_failure_rate_stops_the_sweep(tmp_path, mnist_root):
+    result = run_cli(sweep_args(tmp_path, mnist_root, "~hparams_search", "optimizer.lr=1e12",
+                                "model.dropout=interval(0.1,0.5)", "hydra.sweeper.n_trials=5",
+                                "hydra.sweeper.max_failure_rate=0.5"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "3 trials of the study failed, more than hydra.sweeper.max_failure_rate=0.5 of its 5" in result.stderr
+    assert [t.state for t in load(tmp_path).trials] == [TrialState.FAIL] * 3
+
+
+def test_a_config_error_stops_the_sweep_at_the_first_trial(tmp_path, mnist_root):
+    result = run_cli(sweep_args(tmp_path, mnist_root, *SPACE, "model.conv1_channels=0", "hydra.sweeper.n_trials=4"),
+                     cwd=tmp_path)
+    assert result.returncode == 2
+    assert "model.conv1_channels=0 must be >= 1" in result.stderr and "Traceback" not in result.stderr
+    (trial,) = load(tmp_path).trials
+    assert trial.state == TrialState.FAIL
+    _, _, parents, _ = study_and_runs(tmp_path)
+    assert parents[0].info.status == "FAILED"
+
+
+def test_bad_search_space_syntax_is_a_clear_error(tmp_path, mnist_root):
+    result = run_cli(sweep_args(tmp_path, mnist_root, "~hparams_search", "model.dropout=interval(0.6)",
+                                "hydra.sweeper.n_trials=2"), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "model.dropout" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_multi_objective_study_gives_a_pareto_front(tmp_path, mnist_root):
+    result = run_cli(sweep_args(tmp_path, mnist_root, "~hparams_search", "model.fc_width=choice(8,64)",
+                                "model.dropout=interval(0.1,0.5)", "optimized_metric=[val/acc,model/params]",
+                                "hydra.sweeper.n_trials=4"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = load(tmp_path)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    (results_file,) = (tmp_path / "outputs" / "sweep").glob("optimization_results.yaml")
+    solutions = yaml.safe_load(results_file.read_text())["solutions"]
+    assert solutions and all(len(s["values"]) == 2 for s in solutions)
+    assert {s["values"][1] for s in solutions} <= {t.values[1] for t in study.trials}
+
+
+def test_a_killed_sweep_leaves_no_trial_running_after_a_rerun(tmp_path, mnist_root):
+    fast_beat = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2"]
+    args = sweep_args(tmp_path, mnist_root, *SPACE, "hydra.sweeper.n_trials=2", *fast_beat)
+    args = [a if a != "trainer.epochs=1" else "trainer.epochs=40" for a in args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MNIST_ROOT": str(tmp_path / "none")}
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_sweep", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # wait until trial 0 has trained an epoch
+            try:
+                trials = load(tmp_path).trials
+            except (KeyError, Exception):
+                trials = []
+            if trials and trials[0].state == TrialState.RUNNING and trials[0].user_attrs.get("mlflow_run_id"):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the sweep never started a trial")
+        time.sleep(2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert load(tmp_path).trials[0].state == TrialState.RUNNING  # what the kill left behind
+    time.sleep(3)  # longer than the grace period: its heartbeat is stale now
+    rerun_args = [a if a != "trainer.epochs=40" else "trainer.epochs=1" for a in args]
+    result = run_cli(rerun_args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study, _, _, children = study_and_runs(tmp_path)
+    states = [t.state for t in study.trials]
+    assert TrialState.RUNNING not in states
+    assert states[0] == TrialState.FAIL  # the killed trial, re-queued once with the same params
+    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retry) == 1 and retry[0].params == study.trials[0].params
+    assert sum(s == TrialState.COMPLETE for s in states) == 2  # the budget is still met
+    assert all(c.info.status != "RUNNING" for c in children)
+    killed = [c for c in children if c.data.tags["trial_number"] == "0"]
+    assert killed[0].info.status == "KILLED"
