@@ -186,6 +186,11 @@ def main(cfg: DictConfig) -> float | list[float]:
             raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        print("interrupted: the MLflow run is marked KILLED", file=sys.stderr)
+        raise SystemExit(130) from None
     return values[0] if len(values) == 1 else values
 
 

@@ -80,6 +80,10 @@ class MnistOptunaSweeper(Sweeper):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted: the running trial is marked FAIL in the study and its MLflow run KILLED; run the "
+                  "same command again to resume", file=sys.stderr)
+            raise SystemExit(130) from None
 
     # -- the study ----------------------------------------------------------------------------------------------
 

@@ -87,3 +87,28 @@ def test_hydra_views_work(tmp_path):
         assert group in help_text.stdout
     job = run_cli(["--cfg", "job", "model=wide"], cwd=tmp_path)
     assert job.returncode == 0 and "conv1_channels: 64" in job.stdout
+
+
+def test_ctrl_c_marks_the_run_killed(tmp_path, mnist_root):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = cli_args(tmp_path, mnist_root, "trainer.epochs=200")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_sweep", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(
+                r.info.status == "RUNNING" and "train/loss" in r.data.metrics for r in mlflow_runs(tmp_path)[1]):
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    _, (run,) = mlflow_runs(tmp_path)
+    assert run.info.status == "KILLED"

@@ -2,22 +2,25 @@
 
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from mnist_sweep.__main__ import build_spec
 from mnist_sweep.errors import ConfigError
 from mnist_sweep.model import build_model
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ["model", "optimizer", "scheduler", "data", "trainer"]
+GROUPS = ["model", "optimizer", "scheduler", "data", "trainer", "pruner"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
-def compose_config(*overrides: str):
+def compose_config(*overrides: str, hydra: bool = False):
     with initialize_config_dir(config_dir=str(CONF)):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
 
 
 def test_every_group_has_options():
@@ -34,6 +37,26 @@ def test_every_option_composes_and_builds(group, option):
     assert isinstance(optimizer, torch.optim.Optimizer)
     if spec.make_scheduler is not None:
         spec.make_scheduler(optimizer, 100)
+    pruner = instantiate(cfg.pruner, _execution_whitelist_=("optuna.pruners.*",))()
+    assert isinstance(pruner, optuna.pruners.BasePruner)
+
+
+SPACES = sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_every_search_space_composes_and_parses(space):
+    """Each conf/hparams_search option yields a sweeper config whose params the plugin's grammar parses into
+    Optuna distributions over keys that exist in the run config."""
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+
+    cfg = compose_config(f"hparams_search={space}", hydra=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_ == "mnist_sweep.sweeper.MnistOptunaSweeper" and sweeper.space_name == space
+    distributions, fixed, _ = create_params_from_overrides([f"{k}={v}" for k, v in sweeper.params.items()])
+    assert len(distributions) >= 6 and not fixed
+    for key in distributions:
+        assert OmegaConf.select(cfg, key) is not None, key  # a group (optimizer) or a value (model.dropout)
 
 
 def test_every_yaml_value_is_commented():

@@ -118,6 +118,18 @@ def test_hopeless_trials_are_pruned_and_their_runs_say_so(tmp_path, mnist_root):
     assert study.best_trial.params["optimizer.lr"] == 1.0
 
 
+@pytest.mark.parametrize("pruner", ["hyperband", "successive_halving"])
+def test_other_pruners_run_a_study(tmp_path, mnist_root, pruner):
+    result = run_cli(sweep_args(tmp_path, mnist_root, "~hparams_search", "optimizer.lr=choice(1e-6,1.0)",
+                                "trainer.epochs=2", "hydra.sweeper.n_trials=3", "hydra/sweeper/sampler=random",
+                                "hydra.sweeper.sampler.seed=0", f"pruner={pruner}"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = load(tmp_path)
+    assert len(study.trials) == 3
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+    assert all(t.intermediate_values for t in study.trials)  # every trial reported its epochs
+
+
 def test_joblib_launcher_runs_trials_in_parallel_processes_and_prunes(tmp_path, mnist_root):
     result = run_cli(sweep_args(tmp_path, mnist_root, "~hparams_search", "optimizer.lr=choice(1e-6,1.0)",
                                 "trainer.epochs=3", "hydra.sweeper.n_trials=6", "hydra/sweeper/sampler=random",
@@ -223,3 +235,31 @@ def test_a_killed_sweep_leaves_no_trial_running_after_a_rerun(tmp_path, mnist_ro
     assert all(c.info.status != "RUNNING" for c in children)
     killed = [c for c in children if c.data.tags["trial_number"] == "0"]
     assert killed[0].info.status == "KILLED"
+
+
+def test_ctrl_c_stops_a_sweep_cleanly(tmp_path, mnist_root):
+    args = [a if a != "trainer.epochs=1" else "trainer.epochs=200"
+            for a in sweep_args(tmp_path, mnist_root, *SPACE, "hydra.sweeper.n_trials=3")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MNIST_ROOT": str(tmp_path / "none")}
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_sweep", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                trials = load(tmp_path).trials
+            except Exception:
+                trials = []
+            if trials and trials[0].intermediate_values:  # trained an epoch
+                break
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    study, _, parents, children = study_and_runs(tmp_path)
+    (trial,) = study.trials
+    assert trial.state == TrialState.FAIL and "interrupted" in trial.user_attrs["fail_reason"]
+    assert [c.info.status for c in children] == ["KILLED"]
+    assert parents[0].info.status == "KILLED"
