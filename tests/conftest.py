@@ -62,6 +62,37 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300, module: str = "mni
                           text=True, timeout=timeout)
 
 
+def signal_cli_when(args: list[str], cwd: Path, ready, sig: int, timeout: float = 120) -> tuple[int, str]:
+    """Start `python -m mnist_sweep ARGS`, send `sig` once `ready()` is true, wait; returns (exit code, stderr).
+
+    Fails the test when `ready()` does not become true in `timeout` seconds (the run never got that far)."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MNIST_ROOT": str(cwd / "no-such-data")}
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_sweep", *args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + timeout
+        while not _ready(ready):
+            if time.time() > deadline or proc.poll() is not None:
+                pytest.fail(f"the run never became ready for {signal.Signals(sig).name}")
+            time.sleep(0.5)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    return proc.returncode, stderr
+
+
+def _ready(ready) -> bool:
+    try:
+        return bool(ready())
+    except Exception:  # the database is not there yet, or is being written
+        return False
+
+
 def cli_args(tmp_path: Path, mnist_root: Path, *extra: str) -> list[str]:
     """FAST overrides + data and MLflow under tmp_path + Hydra's run dir under tmp_path."""
     return [*FAST, f"data.root={mnist_root}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",

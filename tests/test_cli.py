@@ -1,9 +1,11 @@
 """End to end through the real CLI (`python -m mnist_sweep`) on tiny synthetic IDX data, MLflow in tmp_path."""
 
+import signal
+
 import pytest
 import torch
 
-from conftest import cli_args, mlflow_runs, run_cli
+from conftest import cli_args, mlflow_runs, run_cli, signal_cli_when
 
 pytestmark = pytest.mark.slow
 
@@ -90,25 +92,11 @@ def test_hydra_views_work(tmp_path):
 
 
 def test_ctrl_c_marks_the_run_killed(tmp_path, mnist_root):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+    def training():
+        return any(r.info.status == "RUNNING" and "train/loss" in r.data.metrics for r in mlflow_runs(tmp_path)[1])
 
-    args = cli_args(tmp_path, mnist_root, "trainer.epochs=200")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mnist_sweep", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not any(
-                r.info.status == "RUNNING" and "train/loss" in r.data.metrics for r in mlflow_runs(tmp_path)[1]):
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    code, stderr = signal_cli_when(cli_args(tmp_path, mnist_root, "trainer.epochs=200"), tmp_path, training,
+                                   signal.SIGINT)
+    assert code == 130 and "interrupted" in stderr and "Traceback" not in stderr
     _, (run,) = mlflow_runs(tmp_path)
     assert run.info.status == "KILLED"

@@ -3,8 +3,6 @@ MLflow nesting, pruning, resume, crash recovery, the joblib launcher, failures a
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import optuna
@@ -12,7 +10,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from conftest import cli_args, mlflow_runs, run_cli
+from conftest import cli_args, mlflow_runs, run_cli, signal_cli_when
 
 pytestmark = pytest.mark.slow
 
@@ -200,30 +198,16 @@ def test_multi_objective_study_gives_a_pareto_front(tmp_path, mnist_root):
 def test_a_killed_sweep_leaves_no_trial_running_after_a_rerun(tmp_path, mnist_root):
     fast_beat = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2"]
     args = sweep_args(tmp_path, mnist_root, *SPACE, "hydra.sweeper.n_trials=2", *fast_beat)
-    args = [a if a != "trainer.epochs=1" else "trainer.epochs=40" for a in args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MNIST_ROOT": str(tmp_path / "none")}
-    proc = subprocess.Popen([sys.executable, "-m", "mnist_sweep", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:  # wait until trial 0 has trained an epoch
-            try:
-                trials = load(tmp_path).trials
-            except (KeyError, Exception):
-                trials = []
-            if trials and trials[0].state == TrialState.RUNNING and trials[0].user_attrs.get("mlflow_run_id"):
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail("the sweep never started a trial")
-        time.sleep(2)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    long_args = [a if a != "trainer.epochs=1" else "trainer.epochs=40" for a in args]
+
+    def trial_0_training():
+        trial = load(tmp_path).trials[0]
+        return trial.state == TrialState.RUNNING and trial.intermediate_values
+
+    signal_cli_when(long_args, tmp_path, trial_0_training, signal.SIGKILL)
     assert load(tmp_path).trials[0].state == TrialState.RUNNING  # what the kill left behind
     time.sleep(3)  # longer than the grace period: its heartbeat is stale now
-    rerun_args = [a if a != "trainer.epochs=40" else "trainer.epochs=1" for a in args]
-    result = run_cli(rerun_args, cwd=tmp_path)
+    result = run_cli(args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     study, _, _, children = study_and_runs(tmp_path)
     states = [t.state for t in study.trials]
@@ -240,24 +224,9 @@ def test_a_killed_sweep_leaves_no_trial_running_after_a_rerun(tmp_path, mnist_ro
 def test_ctrl_c_stops_a_sweep_cleanly(tmp_path, mnist_root):
     args = [a if a != "trainer.epochs=1" else "trainer.epochs=200"
             for a in sweep_args(tmp_path, mnist_root, *SPACE, "hydra.sweeper.n_trials=3")]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MNIST_ROOT": str(tmp_path / "none")}
-    proc = subprocess.Popen([sys.executable, "-m", "mnist_sweep", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                trials = load(tmp_path).trials
-            except Exception:
-                trials = []
-            if trials and trials[0].intermediate_values:  # trained an epoch
-                break
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    code, stderr = signal_cli_when(args, tmp_path, lambda: load(tmp_path).trials[0].intermediate_values,
+                                   signal.SIGINT)
+    assert code == 130 and "interrupted" in stderr and "Traceback" not in stderr
     study, _, parents, children = study_and_runs(tmp_path)
     (trial,) = study.trials
     assert trial.state == TrialState.FAIL and "interrupted" in trial.user_attrs["fail_reason"]
