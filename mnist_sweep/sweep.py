@@ -29,7 +29,6 @@ from .train import METRIC_DIRECTIONS
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the MLflow parent run, reused on resume
 FAIL_REASON_ATTR = "fail_reason"  # trial user attr: why a trial failed
 OVERRIDES_ATTR = "overrides"  # trial user attr: the command-line overrides that reproduce the trial
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # Heartbeats, stale-trial retries and the matplotlib plots are "experimental" in Optuna since 2.x; they are what
@@ -97,18 +96,21 @@ def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
     return numbers
 
 
-def budget_used(study: optuna.Study) -> int:
-    """Trials that count toward n_trials: finished or running, not counting stale ones that were re-queued."""
+def counted_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's trials less those failed stale and re-queued: their retry stands in for them."""
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
-    return sum(1 for t in trials if t.state != TrialState.WAITING and t.number not in retried)
+    return [t for t in trials if t.number not in retried]
+
+
+def budget_used(study: optuna.Study) -> int:
+    """Trials that count toward n_trials: finished or running (a queued retry counts once it runs)."""
+    return sum(1 for t in counted_trials(study) if t.state != TrialState.WAITING)
 
 
 def failed_count(study: optuna.Study) -> int:
-    """Failed trials that count against max_failure_rate: not those failed stale and re-queued."""
-    trials = study.get_trials(deepcopy=False)
-    retried = retried_numbers(trials)
-    return sum(1 for t in trials if t.state == TrialState.FAIL and t.number not in retried)
+    """Failed trials that count against max_failure_rate."""
+    return sum(1 for t in counted_trials(study) if t.state == TrialState.FAIL)
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:
@@ -156,8 +158,6 @@ class TrialRef:
     storage: str
     study: str
     number: int
-    heartbeat_interval: int = 10
-    grace_period: int = 30
 
 
 class TrialReporter:
@@ -165,7 +165,7 @@ class TrialReporter:
     stop. Multi-objective trials are not pruned (Optuna does not support it); they only record values."""
 
     def __init__(self, ref: TrialRef, pruner: optuna.pruners.BasePruner, metric: str, multi_objective: bool):
-        storage = make_storage(ref.storage, ref.heartbeat_interval, ref.grace_period)
+        storage = make_storage(ref.storage)  # reports only: the sweeper keeps the heartbeat
         study = optuna.load_study(study_name=ref.study, storage=storage, pruner=pruner)
         trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, ref.number)
         self.trial = optuna.trial.Trial(study, trial_id)
@@ -241,15 +241,16 @@ def history_figures(study: optuna.Study) -> dict[str, Any]:
     completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     if not completed:
         return figures
-    plots = {"optimization_history.png": ovm.plot_optimization_history}
-    if len(completed) >= 2 and len(study.directions) == 1:
-        plots["param_importances.png"] = ovm.plot_param_importances
-    if len(study.directions) > 1 and len(study.directions) <= 3 and completed:
+    if len(study.directions) == 1:
+        plots = {"optimization_history.png": ovm.plot_optimization_history}
+        if len(completed) >= 2:
+            plots["param_importances.png"] = ovm.plot_param_importances
+    elif len(study.directions) <= 3:  # Optuna draws Pareto fronts of 2 or 3 objectives
         plots = {"pareto_front.png": ovm.plot_pareto_front}
+    else:
+        plots = {}
     for name, plot in plots.items():
         try:
-            if len(study.directions) > 1 and name == "optimization_history.png":
-                continue
             ax = plot(study)
             fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
             fig.set_size_inches(8, 5)
