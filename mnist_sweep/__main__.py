@@ -81,6 +81,19 @@ def build_spec(cfg: DictConfig) -> RunSpec:
     )
 
 
+def compose_spec(overrides: list[str]) -> RunSpec:
+    """The RunSpec that `python -m mnist_sweep OVERRIDES` would train, for entry points that are not Hydra apps."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=str(REPO / "conf")):
+            cfg = compose("config", overrides=overrides)
+    except HydraException as e:
+        raise ConfigError(f"overrides {' '.join(overrides)}: {e}") from None
+    return build_spec(cfg)
+
+
 def run_tags(device: str) -> dict[str, str]:
     import torch
 

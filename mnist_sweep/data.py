@@ -175,6 +175,21 @@ class TensorBatches:
             yield x, self.labels[idx]
 
 
+class Reshuffle(torch.utils.data.Sampler):
+    """The classic loader's order: a seeded permutation per epoch, drawn as TensorBatches draws its own, so both
+    loaders visit the same images in the same order (the fast-vs-classic equivalence test relies on it)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n = n
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(torch.randperm(self.n, generator=self.generator).tolist())
+
+
 def augment(x: Tensor, max_shift: int, max_rotation: float, generator: torch.Generator) -> Tensor:
     """Random rotation and translation of a normalized batch, one affine warp for the whole batch."""
     n = x.shape[0]
@@ -253,10 +268,13 @@ def _classic_splits(cfg: DataConfig, train_idx: Tensor, val_idx: Tensor, device:
     train_set = _torchvision_mnist(cfg.root, train=True, download=cfg.download, transform=augmented)
     val_set = _torchvision_mnist(cfg.root, train=True, download=cfg.download, transform=plain)
     test_set = _torchvision_mnist(cfg.root, train=False, download=cfg.download, transform=plain)
-    common = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    # The generator only seeds worker processes. Without one, every pass over a loader (val and test too) would
+    # draw from the global RNG, which also drives dropout, and the two loaders would train differently.
+    common = dict(num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                  generator=torch.Generator().manual_seed(seed))
     return Splits(
-        train=DataLoader(Subset(train_set, train_idx.tolist()), batch_size=cfg.batch_size, shuffle=True,
-                         generator=torch.Generator().manual_seed(seed), **common),
+        train=DataLoader(Subset(train_set, train_idx.tolist()), batch_size=cfg.batch_size,
+                         sampler=Reshuffle(len(train_idx), seed), **common),
         val=DataLoader(Subset(val_set, val_idx.tolist()), batch_size=cfg.eval_batch_size, **common),
         test=DataLoader(test_set, batch_size=cfg.eval_batch_size, **common),
         num_train=len(train_idx), num_val=len(val_idx), num_test=len(test_set),

@@ -14,7 +14,7 @@ from mnist_sweep.errors import ConfigError
 from mnist_sweep.model import build_model
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ["model", "optimizer", "scheduler", "data", "trainer", "pruner"]
+GROUPS = ["model", "optimizer", "scheduler", "data", "trainer", "pruner", "experiment"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
@@ -54,8 +54,8 @@ def test_every_search_space_composes_and_parses(space):
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_ == "mnist_sweep.sweeper.MnistOptunaSweeper" and sweeper.space_name == space
     distributions, fixed, _ = create_params_from_overrides([f"{k}={v}" for k, v in sweeper.params.items()])
-    assert len(distributions) >= 6 and not fixed
-    for key in distributions:
+    assert len(distributions) >= 6
+    for key in [*distributions, *fixed]:
         assert OmegaConf.select(cfg, key) is not None, key  # a group (optimizer) or a value (model.dropout)
 
 

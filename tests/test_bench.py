@@ -1,0 +1,69 @@
+"""The benchmark: its arithmetic on known figures, and one quick end-to-end run of every recipe on tiny data."""
+
+import json
+
+import pytest
+import torch
+
+from mnist_sweep.bench import Epoch, RecipeRun, markdown_table, matmul_gflops, summarize
+from conftest import run_cli
+
+
+def run(recipe, seed, *accs, epoch_seconds=10.0):
+    """A recipe run whose epochs take `epoch_seconds` and reach `accs`, after 2 s of setup."""
+    epochs = [Epoch(i + 1, epoch_seconds, 1000 / epoch_seconds, 5.0, acc, 2 + (i + 1) * epoch_seconds)
+              for i, acc in enumerate(accs)]
+    hit = next((e.elapsed for e in epochs if e.test_acc >= 0.99), None)
+    return RecipeRun(recipe, seed, 2.0, epochs, hit)
+
+
+def test_summary_takes_means_over_seeds_and_ratios_against_the_classic_recipe():
+    runs = [run("classic", 1, 0.98, 0.985, 0.991, epoch_seconds=100.0),
+            run("speedrun", 1, 0.97, 0.991), run("speedrun", 2, 0.975, 0.993),
+            run("accuracy", 1, 0.95, 0.97)]  # never reaches 99%
+    rows = {r["recipe"]: r for r in summarize(runs, {"fp32": 50.0, "bf16": 10.0}, dict.fromkeys(
+        ["classic", "speedrun", "accuracy"], "fp32"))}
+    assert rows["classic"]["time_to_target"] == (302.0, 0.0) and rows["classic"]["epoch_speedup"] == 1.0
+    sr = rows["speedrun"]
+    assert sr["seeds"] == 2 and sr["epoch_speedup"] == pytest.approx(10.0)
+    assert sr["time_to_target"] == (22.0, 0.0) and sr["time_to_target_ratio"] == pytest.approx(22 / 302)
+    assert sr["final_test_acc"][0] == pytest.approx(0.992) and sr["final_test_acc"][1] == pytest.approx(0.0014142, rel=1e-3)
+    assert sr["ceiling_fraction"] == pytest.approx(0.1)
+    assert rows["accuracy"]["time_to_target"] is None and rows["accuracy"]["reached_target"] == "0/1"
+    table = markdown_table(list(rows.values()), 0.99)
+    assert "| speedrun | fp32 | 2 | 10.0 ± 0.0 |" in table and "1/13.7" in table and "not reached (0/1)" in table
+
+
+def test_matmul_ceiling_is_a_positive_rate():
+    assert matmul_gflops(torch.float32, torch.device("cpu"), seconds=0.01, max_n=256) > 0
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs_every_recipe_end_to_end(tmp_path, mnist_root):
+    out = tmp_path / "bench"
+    proc = run_cli(["--quick", f"--out={out}", f"data.root={mnist_root}", "data.download=false",
+                    "data.val_size=200", "trainer.device=cpu", "trainer.threads=1"], cwd=tmp_path,
+                   module="mnist_sweep.bench")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["recipe"]: r for r in results["summary"]}
+    # every recipe ran, except bf16 where this CPU would only emulate it
+    assert set(rows) | set(results["skipped"]) == {"classic", "fast", "fast_bf16", "speedrun", "accuracy"}
+    assert set(results["skipped"]) <= {"fast_bf16"}
+    for r in rows.values():
+        assert r["epochs_run"] == 1 and r["epoch_seconds"][0] > 0 and 0 < r["ceiling_fraction"]
+        assert 0.0 <= r["test_acc_per_epoch"][0][0] <= 1.0
+    assert rows["classic"]["epoch_speedup"] == 1.0 and rows["speedrun"]["epoch_speedup"] > 0
+    assert results["ceiling_gflops"]["fp32"] > 0 and results["quick"] is True
+    table = (out / "results.md").read_text()
+    assert all(f"| {name} |" in table and f"| {name} |" in proc.stdout for name in rows)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--recipes=classic,turbo"], "--recipes='classic,turbo': unknown turbo; allowed: classic, fast, fast_bf16, speedrun"),
+    (["--seeds=0"], "--seeds=0 and --classic-seeds=1 must be >= 1"),
+    (["model=huge"], "Could not find 'model/huge'"),
+])
+def test_bad_benchmark_arguments_fail_early_with_one_line(tmp_path, args, message):
+    proc = run_cli(["--quick", *args], cwd=tmp_path, module="mnist_sweep.bench")
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
