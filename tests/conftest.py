@@ -108,3 +108,18 @@ def mlflow_runs(tmp_path: Path, experiment: str = "mnist_sweep"):
     if exp is None:
         return client, []
     return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+@pytest.fixture(scope="session")
+def recorded_study(tmp_path_factory) -> Path:
+    """One tiny finished sweep shared by the report, registry, predict and browser tests: 3 trials of 2 epochs,
+    study 'tiny' in <dir>/optuna.db, MLflow records in <dir>/mlflow.db, synthetic data in <dir>/data."""
+    folder = tmp_path_factory.mktemp("recorded")
+    root = make_synthetic_mnist(folder / "data")
+    result = run_cli(["--multirun", *cli_args(folder, root), "~hparams_search", "model.dropout=interval(0.1,0.6)",
+                      "optimizer.lr=choice(1e-6,1.0)", "hydra.sweeper.n_trials=3", "hydra/sweeper/sampler=random",
+                      "hydra.sweeper.sampler.seed=0", f"hydra.sweeper.storage=sqlite:///{folder / 'optuna.db'}",
+                      "hydra.sweeper.study_name=tiny", f"hydra.sweeper.experiment_dir={folder / 'configs'}"],
+                     cwd=folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder
