@@ -36,7 +36,7 @@ class Row:
 
     number: int
     state: str
-    values: tuple[float, ...] | None  # the objectives; None for a trial that did not complete
+    values: tuple[float, ...] | None  # the objectives of a completed trial, else None
     last_reported: float | None  # the last per-epoch value reported to the pruner
     epochs: int  # epochs that reported a value (where a pruned trial was cut)
     seconds: float | None
@@ -54,7 +54,8 @@ def leaderboard(study: optuna.Study, top: int) -> list[Row]:
         return STATE_ORDER.get(t.state, 5), sign * score, t.number
 
     trials = sorted(study.get_trials(deepcopy=False), key=key)[:top]
-    return [Row(t.number, t.state.name, tuple(t.values) if t.values else None,
+    # Optuna stores a pruned trial's last report as its value: shown apart, it is not a final result
+    return [Row(t.number, t.state.name, tuple(t.values) if t.state == TrialState.COMPLETE else None,
                 list(t.intermediate_values.values())[-1] if t.intermediate_values else None,
                 len(t.intermediate_values), t.duration.total_seconds() if t.duration else None, t.params)
             for t in trials]
@@ -71,12 +72,18 @@ def leaderboard_table(rows: Sequence[Row], metrics: Sequence[str], title: str):
     for p in params:  # the last part of the key, split at '_', keeps a narrow terminal readable
         table.add_column(p.rsplit(".", 1)[-1].replace("_", "\n"), justify="right", overflow="fold")
     for r in rows:
-        values = [_fmt(v) for v in r.values] if r.values else [
-            f"({_fmt(r.last_reported)})" if r.last_reported is not None else "-"] + [""] * (len(metrics) - 1)
-        table.add_row(str(r.number), r.state, *values, str(r.epochs),
-                      f"{r.seconds:.0f}" if r.seconds is not None else "-",
-                      *[_fmt(r.params.get(p, "")) for p in params])
+        table.add_row(*_cells(r, len(metrics), params))
     return table
+
+
+def _cells(row: Row, n_metrics: int, params: Sequence[str]) -> list[str]:
+    """A leaderboard row as text; a trial that did not complete shows its last per-epoch value in parentheses."""
+    if row.values:
+        values = [_fmt(v) for v in row.values]
+    else:
+        values = [f"({_fmt(row.last_reported)})" if row.last_reported is not None else "-"] + [""] * (n_metrics - 1)
+    return [str(row.number), row.state, *values, str(row.epochs),
+            f"{row.seconds:.0f}" if row.seconds is not None else "-", *[_fmt(row.params.get(p, "")) for p in params]]
 
 
 def _fmt(value: Any) -> str:
@@ -162,8 +169,8 @@ def png_bytes(figures: dict[str, Any]) -> dict[str, bytes]:
 
 CAPTIONS = {
     "optimization_history.png": "Optimization history: each completed trial's objective and the best so far.",
-    "param_importances.png": "Parameter importances (fANOVA): how much of the objective's variance each "
-                             "parameter explains.",
+    "param_importances.png": "Optuna's parameter importances: how much of the objective's variance each "
+                             "parameter explains (over the completed trials).",
     "parallel_coordinate.png": "Parallel coordinates: each completed trial's parameters, coloured by objective.",
     "intermediate_values.png": "Per-epoch validation metric of every trial; curves that stop early were pruned.",
     "pareto_front.png": "Pareto front of the objectives.",
@@ -180,10 +187,7 @@ def html_report(title: str, facts: dict[str, str], rows: Sequence[Row], metrics:
     head = "".join(f"<th>{e(h)}</th>" for h in ["#", "state", *metrics, "epochs run", "seconds", *params])
     body = []
     for r in rows:
-        values = [_fmt(v) for v in r.values] if r.values else ["-"] * len(metrics)
-        cells = [str(r.number), r.state, *values, str(r.epochs),
-                 f"{r.seconds:.0f}" if r.seconds is not None else "-", *[_fmt(r.params.get(p, "")) for p in params]]
-        body.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
+        body.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in _cells(r, len(metrics), params)) + "</tr>")
     figures = "".join(
         f'<figure id="{e(name)}"><img alt="{e(name)}" src="data:image/png;base64,'
         f'{base64.b64encode(data).decode()}"><figcaption>{e(CAPTIONS.get(name, name))}</figcaption></figure>'
@@ -195,7 +199,8 @@ def html_report(title: str, facts: dict[str, str], rows: Sequence[Row], metrics:
 td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}} th{{background:#f3f3f3}}
 figure{{margin:2em 0}} img{{max-width:100%}} figcaption{{color:#555}}</style></head>
 <body><h1>{e(title)}</h1><table>{fact_rows}</table>
-<h2>Leaderboard</h2><table><tr>{head}</tr>{"".join(body)}</table>
+<h2>Leaderboard</h2><p>(value): the last per-epoch value of a trial that did not complete.</p>
+<table><tr>{head}</tr>{"".join(body)}</table>
 {figures}</body></html>
 """
 
