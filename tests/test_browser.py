@@ -3,6 +3,7 @@
 Needs Debian's chromium (.ci/run installs it) and the playwright package; skipped where either is missing."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -46,8 +47,12 @@ def mlflow_server(recorded_study):
                 time.sleep(0.5)
         yield url
     finally:
-        os.killpg(proc.pid, 15)  # the server and its workers, all in the session started for it
-        proc.wait(timeout=30)
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers, all in the session started for it
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def test_experiment_page_lists_the_parent_run_and_its_nested_trials(mlflow_server, recorded_study):
@@ -66,8 +71,11 @@ def test_experiment_page_lists_the_parent_run_and_its_nested_trials(mlflow_serve
             page.goto(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs", timeout=120_000)
             page.get_by_text("tiny", exact=True).first.wait_for(timeout=120_000)  # the parent run's name
             text = page.inner_text("body")
-            if not all(name in text for name in children):  # nested runs start collapsed: expand the parent
-                page.get_by_role("button", name="Expand").first.click()
+            if not all(name in text for name in children):  # nested runs start collapsed: the parent's
+                # name cell holds its expander button before the run link
+                cell = page.get_by_role("link", name="tiny", exact=True).first.locator(
+                    "xpath=ancestor::div[@role='gridcell'][1]")
+                cell.locator("button").first.click()
                 page.get_by_text(children[0], exact=True).first.wait_for(timeout=60_000)
                 text = page.inner_text("body")
         finally:
