@@ -232,12 +232,22 @@ def open_existing_study(storage_url: str, name: str | None) -> optuna.Study:
         raise UserError(f"--study {name!r} is not in {storage_url}; its studies: {', '.join(names)}") from None
 
 
+def evaluate_run_model(client, run_id: str, data_root: str) -> tuple[dict[str, float], dict[str, Any]]:
+    """The run's model on the MNIST test split: scores and the model figures."""
+    model = tracking.load_model(client, run_id)
+    mean, std = tracking.normalization(client, run_id)
+    arrays = load_mnist(data_root, download=False)
+    probs = predict_batches(model, normalize(arrays.test_images, mean, std, torch.device("cpu")))
+    scores, figures = model_figures(probs, arrays.test_labels, arrays.test_images)
+    return scores | {"test/n": float(len(probs))}, figures
+
+
 def write_report(study: optuna.Study, client, out: Path, data_root: str | None, top: int = 15):
     """Build everything, write the PNGs and report.html under `out`, log them to the parent run.
     Returns (leaderboard rows, metric names, facts, paths of the written files)."""
     parent_id = study.user_attrs.get(sweep.PARENT_RUN_ATTR)
     parent = client.get_run(parent_id) if parent_id else None
-    metrics = (parent.data.params.get("optimized_metric", "").split(",") if parent else []) or []
+    metrics = [m for m in (parent.data.params.get("optimized_metric", "") if parent else "").split(",") if m]
     if len(metrics) != len(study.directions):
         metrics = [f"objective {i}" for i in range(len(study.directions))]
     rows = leaderboard(study, top)
@@ -253,13 +263,9 @@ def write_report(study: optuna.Study, client, out: Path, data_root: str | None, 
         facts["best params"] = ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items())
         run_id = best.user_attrs.get("mlflow_run_id")
         if run_id and data_root is not None:
-            model = tracking.load_model(client, run_id)
-            mean, std = tracking.normalization(client, run_id)
-            arrays = load_mnist(data_root, download=False)
-            probs = predict_batches(model, normalize(arrays.test_images, mean, std, torch.device("cpu")))
-            scores, model_figs = model_figures(probs, arrays.test_labels, arrays.test_images)
+            scores, model_figs = evaluate_run_model(client, run_id, data_root)
             facts["best model on the test set"] = (f"accuracy {scores['test/acc']:.4f} "
-                                                   f"({scores['test/errors']:.0f} errors of {len(probs)})")
+                                                   f"({scores['test/errors']:.0f} errors of {scores['test/n']:.0f})")
             facts["best model run"] = run_id
             figures.update(model_figs)
     pngs = png_bytes(figures)
