@@ -62,7 +62,7 @@ def test_unreadable_files_are_clear_errors(tmp_path):
 def test_transparent_png_is_read_over_white(tmp_path):
     rgba = np.zeros((40, 40, 4), dtype=np.uint8)  # transparent black everywhere ...
     rgba[5:35, 18:22] = (0, 0, 0, 255)  # ... and an opaque black stroke
-    Image.fromarray(rgba, "RGBA").save(tmp_path / "ink.png")
+    Image.fromarray(rgba).save(tmp_path / "ink.png")
     gray = read_gray(tmp_path / "ink.png")
     assert gray[0, 0] == 255 and gray[20, 20] == 0
 
