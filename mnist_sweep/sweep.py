@@ -231,16 +231,11 @@ def experiment_yaml(overrides: Sequence[str], groups: set[str], comment: str) ->
 
 def history_figures(study: optuna.Study) -> dict[str, Any]:
     """Optuna's own matplotlib plots, as {artifact name: figure}; plots that need more trials are skipped."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
-    figures: dict[str, Any] = {}
     completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     if not completed:
-        return figures
+        return {}
+    from optuna.visualization import matplotlib as ovm
+
     if len(study.directions) == 1:
         plots = {"optimization_history.png": ovm.plot_optimization_history}
         if len(completed) >= 2:
@@ -249,14 +244,26 @@ def history_figures(study: optuna.Study) -> dict[str, Any]:
         plots = {"pareto_front.png": ovm.plot_pareto_front}
     else:
         plots = {}
+    return optuna_figures(study, plots)
+
+
+def optuna_figures(study: optuna.Study, plots: dict[str, Any], size: tuple[float, float] = (8, 5)) -> dict[str, Any]:
+    """{name: plot function of optuna.visualization.matplotlib} -> {name: figure}; a plot that cannot be drawn
+    (too few distinct values for importances, and the like) is left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures: dict[str, Any] = {}
     for name, plot in plots.items():
         try:
             ax = plot(study)
             fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-            fig.set_size_inches(8, 5)
+            fig.set_size_inches(*size)
             fig.tight_layout()
             figures[name] = fig
             plt.close(fig)
-        except Exception:  # too few distinct values for importances, and the like: skip the picture
+        except Exception:
             continue
     return figures

@@ -279,7 +279,7 @@ class MnistOptunaSweeper(Sweeper):
             parent.log_metrics({f"best/{m}": v for m, v in zip(self._metrics(), trial.values)}, step=trial.number)
             parent.set_tags({f"best.{k}": v for k, v in trial.params.items()} | {"best.trial": trial.number})
             if trial.user_attrs.get("mlflow_run_id"):
-                parent.set_tags({"best.run_id": trial.user_attrs["mlflow_run_id"]})
+                self._register_best(parent, trial.user_attrs["mlflow_run_id"])
             self._write_best_experiment(study, trial, name)
             log.info(f"best trial {trial.number}: {self._metrics()[0]}={trial.value:.4f} {trial.params}")
         elif best:
@@ -287,6 +287,14 @@ class MnistOptunaSweeper(Sweeper):
         parent.log_text(OmegaConf.to_yaml(OmegaConf.create(results)), "optimization_results.yaml")
         log.info(f"trials by state: {', '.join(f'{k} {v}' for k, v in counts.items() if v)}")
         self.client.set_terminated(parent.run_id, status=status)
+
+    def _register_best(self, parent, run_id: str) -> None:
+        parent.set_tags({"best.run_id": run_id})
+        name = self.config.mlflow.get("registered_model")
+        if name:
+            version = tracking.register_model(self.client, run_id, name)
+            parent.set_tags({"best.model_uri": f"models:/{name}/{version.version}"})
+            log.info(f"best model registered in MLflow as models:/{name}/{version.version}")
 
     def _write_best_experiment(self, study: optuna.Study, trial, name: str) -> None:
         overrides = [o for o in trial.user_attrs.get(sweep.OVERRIDES_ATTR, []) if not o.startswith("trainer.threads=")]

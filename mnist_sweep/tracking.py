@@ -16,10 +16,11 @@ from typing import Any, Mapping
 
 import torch
 
-from .model import ModelConfig, build_model
+from .model import IMAGE_SIZE, NUM_CLASSES, ModelConfig, build_model
 
 WEIGHTS_FILE = "model/weights.pt"
 MODEL_CONFIG_FILE = "model/model_config.json"
+MLFLOW_MODEL_DIR = "mlflow_model"  # the run's artifact folder holding the MLflow pytorch model (registry source)
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -148,6 +149,59 @@ def load_model(client, run_id: str) -> torch.nn.Module:
         model = build_model(ModelConfig(**json.loads(Path(cfg_path).read_text())))
         model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
     return model.eval()
+
+
+def normalization(client, run_id: str) -> tuple[float, float]:
+    """The (mean, std) a run's net was trained with: its inputs must be normalized the same way."""
+    params = client.get_run(run_id).data.params
+    return float(params["data.mean"]), float(params["data.std"])
+
+
+def register_model(client, run_id: str, name: str):
+    """Log the run's net as an MLflow pytorch model with a signature and register it as a version of `name`.
+
+    Signature: input float32 (N, 1, 28, 28) images normalized as in training, (pixel/255 - mean) / std, with the
+    run's data.mean and data.std (also in the model's metadata); output float32 (N, 10) logits, whose softmax is
+    the class probabilities. A run registered before keeps its version (a resumed sweep does not add one).
+    """
+    import mlflow.pytorch
+    import numpy as np
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if version.run_id == run_id:
+            return version
+    mean, std = normalization(client, run_id)
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, IMAGE_SIZE, IMAGE_SIZE))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]))
+    with tempfile.TemporaryDirectory() as tmp:
+        # pt2: torch.export's traced graph loads without our code and without unpickling; the example's batch of
+        # 2 keeps the batch dimension dynamic. Explicit requirements: MLflow would otherwise infer them by
+        # loading the model in a subprocess (slow).
+        blank = torch.full((2, 1, IMAGE_SIZE, IMAGE_SIZE), -mean / std)
+        mlflow.pytorch.save_model(load_model(client, run_id), f"{tmp}/{MLFLOW_MODEL_DIR}", signature=signature,
+                                  input_example=blank.numpy(), serialization_format="pt2",
+                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                                  metadata={"input_mean": mean, "input_std": std, "output": "logits"})
+        client.log_artifacts(run_id, f"{tmp}/{MLFLOW_MODEL_DIR}", MLFLOW_MODEL_DIR)
+    try:
+        client.create_registered_model(name, description="The best trial of an mnist_sweep study: logits of the "
+                                       "10 digits for (N, 1, 28, 28) images normalized with the metadata's "
+                                       "input_mean and input_std")
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri}/{MLFLOW_MODEL_DIR}"
+    return client.create_model_version(name, source, run_id=run_id, await_creation_for=0)
+
+
+def latest_model_version(client, name: str):
+    """The newest version of a registered model, or None when there is no such model."""
+    versions = client.search_model_versions(f"name = '{name}'")
+    return max(versions, key=lambda v: int(v.version), default=None)
 
 
 def child_runs(client, parent_run_id: str, status: str | None = None) -> list:

@@ -49,9 +49,10 @@ def mnist_root(tmp_path: Path) -> Path:
     return make_synthetic_mnist(tmp_path / "data")
 
 
-# Overrides that make a CLI run take seconds on tiny data: small net, small validation split.
+# Overrides that make a CLI run take seconds on tiny data: small net, small validation split, and no model
+# registration at the end of a sweep (torch.export takes seconds; tests/test_report.py covers it).
 FAST = ["model=small", "data.val_size=200", "data.batch_size=32", "data.download=false", "trainer.epochs=2",
-        "trainer.device=cpu", "trainer.threads=1"]
+        "trainer.device=cpu", "trainer.threads=1", "mlflow.registered_model=null"]
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 300, module: str = "mnist_sweep",
@@ -108,3 +109,20 @@ def mlflow_runs(tmp_path: Path, experiment: str = "mnist_sweep"):
     if exp is None:
         return client, []
     return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+@pytest.fixture(scope="session")
+def recorded_study(tmp_path_factory) -> Path:
+    """One tiny finished sweep shared by the report, registry, predict and browser tests: 3 trials of 2 epochs,
+    study 'tiny' in <dir>/optuna.db, MLflow records in <dir>/mlflow.db, synthetic data in <dir>/data."""
+    folder = tmp_path_factory.mktemp("recorded")
+    root = make_synthetic_mnist(folder / "data")
+    args = [a for a in cli_args(folder, root) if not a.startswith("mlflow.registered_model=")]
+    result = run_cli(["--multirun", *args, "mlflow.registered_model=mnist_sweep_best", "~hparams_search",
+                      "model.dropout=interval(0.1,0.6)",
+                      "optimizer.lr=choice(1e-6,1.0)", "hydra.sweeper.n_trials=3", "hydra/sweeper/sampler=random",
+                      "hydra.sweeper.sampler.seed=0", f"hydra.sweeper.storage=sqlite:///{folder / 'optuna.db'}",
+                      "hydra.sweeper.study_name=tiny", f"hydra.sweeper.experiment_dir={folder / 'configs'}"],
+                     cwd=folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder

@@ -1,0 +1,155 @@
+"""`python -m mnist_sweep.predict IMAGE...`: classify photos or drawings of digits with a logged model.
+
+The model is the latest version of the registered model (`--model`, what a sweep registers), else the best trial
+of the latest study in `--storage`, or any run with `--run-id`. Images of any size and either polarity are turned
+into MNIST's format the way MNIST itself was made: grayscale, white digit on black, the digit's bounding box
+scaled into 20x20 keeping its aspect, then centred by its centre of mass in a 28x28 field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import tracking
+from .errors import UserError
+from .model import IMAGE_SIZE
+
+DIGIT_BOX = 20  # MNIST scales each digit's bounding box into 20x20 before centring it in 28x28
+INK = 0.2  # after contrast stretching, fainter pixels count as background (paper texture, sensor noise)
+
+
+def to_mnist(gray: np.ndarray) -> np.ndarray:
+    """A grayscale image (H, W), uint8 or floats in [0, 1], of one digit in either polarity -> float32 (28, 28)
+    in [0, 1]: a bright digit on black, scaled into 20x20 keeping aspect, centre of mass in the middle."""
+    from PIL import Image
+
+    g = gray.astype(np.float32) / (255.0 if gray.dtype == np.uint8 else 1.0)
+    border = np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]])
+    if np.median(border) > 0.5:  # a dark digit on bright paper
+        g, border = 1.0 - g, 1.0 - border
+    background = float(np.median(border))
+    if g.max() - background < 0.1:
+        raise UserError("no digit found: the image has no stroke that stands out from its background")
+    g = np.clip((g - background) / (g.max() - background), 0.0, 1.0)
+    g[g < INK] = 0.0
+    rows, cols = np.nonzero(g)
+    crop = g[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    h, w = crop.shape
+    scale = DIGIT_BOX / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    digit = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.LANCZOS), dtype=np.float32).clip(0, 1)
+    ys, xs = np.indices(digit.shape)
+    mass = digit.sum()
+    cy, cx = (ys * digit).sum() / mass, (xs * digit).sum() / mass
+    center = (IMAGE_SIZE - 1) / 2
+    top = int(np.clip(round(center - cy), 0, IMAGE_SIZE - digit.shape[0]))
+    left = int(np.clip(round(center - cx), 0, IMAGE_SIZE - digit.shape[1]))
+    out = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    out[top:top + digit.shape[0], left:left + digit.shape[1]] = digit
+    return out
+
+
+def read_gray(path: Path) -> np.ndarray:
+    """An image file as uint8 grayscale (H, W); transparency is laid over white, photos are turned upright."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            if "A" in img.getbands() or "transparency" in img.info:
+                img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+            return np.asarray(img.convert("L"))
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not an image (expected PNG or JPEG)") from None
+    except OSError as e:
+        raise UserError(f"{path}: the image could not be read ({e})") from None
+
+
+def load_digit(path: Path) -> np.ndarray:
+    gray = read_gray(path)
+    try:
+        return to_mnist(gray)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def classify(model: torch.nn.Module, digits: Sequence[np.ndarray], mean: float, std: float) -> torch.Tensor:
+    """Class probabilities (N, 10) of 28x28 digits in [0, 1], normalized as the model was trained."""
+    x = (torch.from_numpy(np.stack(digits)).unsqueeze(1) - mean) / std
+    with torch.no_grad():
+        return model(x).softmax(1)
+
+
+def default_run_id(client, model_name: str, storage: str) -> tuple[str, str]:
+    """(run id, where it came from): the registered model's latest version, else the latest study's best trial."""
+    version = tracking.latest_model_version(client, model_name) if model_name else None
+    if version is not None:
+        return version.run_id, f"models:/{model_name}/{version.version}"
+    from .report import best_trial, open_existing_study
+
+    try:
+        study = open_existing_study(storage, None)
+    except UserError as e:
+        raise UserError(f"no registered model {model_name!r} in the MLflow registry and no study to take the best "
+                        f"trial from ({e}); pass --run-id") from None
+    best = best_trial(study)
+    if best is None or not best.user_attrs.get("mlflow_run_id"):
+        raise UserError(f"study {study.study_name!r} has no completed trial with an MLflow run; pass --run-id")
+    return best.user_attrs["mlflow_run_id"], f"best trial #{best.number} of study {study.study_name}"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mnist_sweep.predict", description=__doc__.splitlines()[0])
+    parser.add_argument("images", nargs="+", type=Path, help="PNG or JPEG files, one digit each")
+    parser.add_argument("--run-id", default=None, help="MLflow run whose model to use")
+    parser.add_argument("--model", default="mnist_sweep_best", help="registered model name (mlflow.registered_model)")
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI")
+    parser.add_argument("--storage", default="sqlite:///outputs/optuna.db",
+                        help="Optuna storage, for the best trial when no model is registered")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from rich.console import Console
+    from rich.table import Table
+
+    try:
+        digits = [load_digit(p) for p in args.images]
+        client = tracking.make_client(args.tracking_uri)
+        run_id, source = (args.run_id, f"run {args.run_id}") if args.run_id else \
+            default_run_id(client, args.model, args.storage)
+        model = _load(client, run_id)
+        mean, std = tracking.normalization(client, run_id)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    probs = classify(model, digits, mean, std)
+    table = Table(title=f"model: {source}", title_justify="left")
+    for name in ["image", "digit", *map(str, range(10))]:
+        table.add_column(name, justify="left" if name == "image" else "right")
+    for path, p in zip(args.images, probs):
+        table.add_row(str(path), f"[bold]{p.argmax().item()}[/bold]", *[f"{v:.3f}" for v in p.tolist()])
+    (Console() if sys.stdout.isatty() else Console(width=200)).print(table)
+    return 0
+
+
+def _load(client, run_id: str) -> torch.nn.Module:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return tracking.load_model(client, run_id)
+    except MlflowException as e:
+        raise UserError(f"MLflow run {run_id!r} has no loadable model ({str(e).splitlines()[0]})") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

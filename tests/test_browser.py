@@ -1,0 +1,83 @@
+"""A real browser on `mlflow server`: the experiment page lists the study's parent run with its nested trials.
+
+Needs Debian's chromium (.ci/run installs it) and the playwright package; skipped where either is missing."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium (apt-get install chromium)")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(recorded_study):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                             f"sqlite:///{recorded_study / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1"], cwd=recorded_study, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"mlflow server did not start: {proc.stderr.read().decode()[-2000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers, all in the session started for it
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_experiment_page_lists_the_parent_run_and_its_nested_trials(mlflow_server, recorded_study):
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{recorded_study / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mnist_sweep")
+    runs = client.search_runs([exp.experiment_id])
+    children = [r.info.run_name for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 3
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs", timeout=120_000)
+            page.get_by_text("tiny", exact=True).first.wait_for(timeout=120_000)  # the parent run's name
+            text = page.inner_text("body")
+            if not all(name in text for name in children):  # nested runs start collapsed: the parent's
+                # name cell holds its expander button before the run link
+                cell = page.get_by_role("link", name="tiny", exact=True).first.locator(
+                    "xpath=ancestor::div[@role='gridcell'][1]")
+                cell.locator("button").first.click()
+                page.get_by_text(children[0], exact=True).first.wait_for(timeout=60_000)
+                text = page.inner_text("body")
+        finally:
+            browser.close()
+    assert all(name in text for name in children), text[:3000]

@@ -1,0 +1,98 @@
+"""predict's preprocessing (unit), and the predict CLI on the recorded study's registered model (end to end)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli, synthetic_digits
+from mnist_sweep.errors import UserError
+from mnist_sweep.predict import read_gray, to_mnist
+
+
+def stroke_image(height=90, width=140, top=10, left=70, h=60, w=20) -> np.ndarray:
+    """A bright upright bar (a '1') on black, off-centre in a larger canvas."""
+    img = np.zeros((height, width), dtype=np.uint8)
+    img[top:top + h, left:left + w] = 230
+    return img
+
+
+def center_of_mass(img: np.ndarray) -> tuple[float, float]:
+    ys, xs = np.indices(img.shape)
+    return (ys * img).sum() / img.sum(), (xs * img).sum() / img.sum()
+
+
+def test_digit_box_is_scaled_into_20_pixels_keeping_aspect_and_centred_by_mass():
+    out = to_mnist(stroke_image())
+    assert out.shape == (28, 28) and out.dtype == np.float32
+    rows, cols = np.nonzero(out > 0.5)
+    assert rows.max() - rows.min() + 1 in (19, 20, 21)  # the long side fills the 20x20 box
+    assert 5 <= cols.max() - cols.min() + 1 <= 8  # 60:20 stays 3:1
+    cy, cx = center_of_mass(out)
+    assert abs(cy - 13.5) < 1 and abs(cx - 13.5) < 1
+    assert 0.0 <= out.min() and out.max() <= 1.0
+
+
+def test_dark_ink_on_bright_paper_gives_the_same_digit():
+    bright = stroke_image()
+    paper = 255 - bright
+    np.testing.assert_allclose(to_mnist(paper), to_mnist(bright), atol=1e-6)
+
+
+def test_a_grey_noisy_background_is_removed():
+    rng = np.random.default_rng(0)
+    photo = (rng.integers(90, 120, size=(90, 140)) + stroke_image() // 2 * 1).clip(0, 255).astype(np.uint8)
+    out = to_mnist(photo)
+    assert (out[:, :3] == 0).all() and (out[:3] == 0).all()  # the margins are black, as in MNIST
+    np.testing.assert_allclose(center_of_mass(out), (13.5, 13.5), atol=1)
+
+
+def test_a_blank_image_is_a_clear_error():
+    with pytest.raises(UserError, match="no digit found"):
+        to_mnist(np.full((30, 30), 200, dtype=np.uint8))
+
+
+def test_unreadable_files_are_clear_errors(tmp_path):
+    (tmp_path / "notes.png").write_text("not a picture")
+    with pytest.raises(UserError, match="not an image"):
+        read_gray(tmp_path / "notes.png")
+    with pytest.raises(UserError, match="no such file"):
+        read_gray(tmp_path / "missing.png")
+
+
+def test_transparent_png_is_read_over_white(tmp_path):
+    rgba = np.zeros((40, 40, 4), dtype=np.uint8)  # transparent black everywhere ...
+    rgba[5:35, 18:22] = (0, 0, 0, 255)  # ... and an opaque black stroke
+    Image.fromarray(rgba).save(tmp_path / "ink.png")
+    gray = read_gray(tmp_path / "ink.png")
+    assert gray[0, 0] == 255 and gray[20, 20] == 0
+
+
+@pytest.mark.slow
+def test_predict_cli_classifies_images_with_the_registered_model(recorded_study, tmp_path):
+    from mnist_sweep import tracking
+    from mnist_sweep.predict import classify
+
+    images, _ = synthetic_digits(3, seed=5)
+    paths = []
+    for i, img in enumerate(images):
+        Image.fromarray(img).resize((56, 84)).save(tmp_path / f"d{i}.png")
+        paths.append(tmp_path / f"d{i}.png")
+    uri = f"sqlite:///{recorded_study / 'mlflow.db'}"
+    result = run_cli([*map(str, paths), "--tracking-uri", uri], cwd=recorded_study, module="mnist_sweep.predict")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "models:/mnist_sweep_best/1" in result.stdout
+    # the digits printed are those of the registered run's net on the same preprocessing
+    client = tracking.make_client(uri)
+    run_id = tracking.latest_model_version(client, "mnist_sweep_best").run_id
+    probs = classify(tracking.load_model(client, run_id), [to_mnist(read_gray(p)) for p in paths],
+                     *tracking.normalization(client, run_id))
+    for path, p in zip(paths, probs):
+        line = next(line for line in result.stdout.splitlines() if path.name in line)
+        cells = [c.strip() for c in line.split("│") if c.strip()]
+        assert int(cells[1]) == p.argmax().item()
+        assert sum(float(c) for c in cells[2:12]) == pytest.approx(1.0, abs=0.02)
+
+    bad = run_cli([str(tmp_path / "nope.jpg"), "--tracking-uri", uri], cwd=recorded_study,
+                  module="mnist_sweep.predict")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope.jpg'}: no such file"
