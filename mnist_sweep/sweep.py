@@ -99,6 +99,8 @@ def make_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30)
 
 def first_line(e: BaseException) -> str:
     """An exception as one line: its type and the first line of its message (drivers add pages of context)."""
+    if isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ is not None:
+        e = e.__cause__  # Optuna's wrapper of the database's error says less than the error itself
     text = str(getattr(e, "orig", None) or e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 

@@ -84,7 +84,7 @@ class MnistOptunaSweeper(Sweeper):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
-        except sqlalchemy.exc.SQLAlchemyError as e:  # read-only, locked too long, or gone mid-sweep
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:  # read-only, gone
             print(f"error: Optuna storage {sweep.shown_url(self.storage_url)!r} (hydra.sweeper.storage) failed: "
                   f"{sweep.first_line(e)}; finished trials are kept, run the same command again to resume",
                   file=sys.stderr)
@@ -219,6 +219,7 @@ class MnistOptunaSweeper(Sweeper):
         """Claim, run and tell trials until the budget is spent and none is running, here or in another worker
         (a dead worker's trial goes stale, is re-queued and claimed here)."""
         overrides: dict[int, list[str]] = {}
+        waiting_for = 0
 
         def prepare(trial) -> None:
             ov = overrides[trial.number] = self._overrides(study, trial, distributions, fixed_args, parent_id)
@@ -231,7 +232,9 @@ class MnistOptunaSweeper(Sweeper):
             if not batch:
                 if not (running := sweep.running_count(study)):
                     return
-                log.info(f"budget spent; waiting for {running} running trial(s) of other workers to end")
+                if running != waiting_for:
+                    log.info(f"budget spent; waiting for {running} running trial(s) of other workers to end")
+                waiting_for = running
                 time.sleep(max(1, self.heartbeat_interval))
                 continue
             try:

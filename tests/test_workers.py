@@ -162,20 +162,25 @@ def test_a_killed_workers_trial_is_failed_and_rerun_by_another(tmp_path, mnist_r
     common = ["storage=postgres", "hydra.sweeper.n_trials=3", f"mlflow.tracking_uri={mlflow_server}",
               "mlflow.experiment=killed_worker", *FAST_BEAT]
     slow = start_worker(worker_args(tmp_path, mnist_root, pg_url, "a", *common, "trainer.epochs=60"), tmp_path)
-    fast = start_worker(worker_args(tmp_path, mnist_root, pg_url, "b", *common), tmp_path)
-    slow_worker = f"{socket.gethostname()}:{slow.pid}"
+    fast = None
 
-    def slow_trial_training():
+    def trial_of(proc, training: bool):
+        """The RUNNING trial `proc` claimed (and has reported an epoch of, if `training`), else None."""
         try:
             trials = optuna.load_study(study_name="s", storage=pg_url).trials
         except KeyError:
             return None
-        return next((t for t in trials if t.user_attrs.get(sweep.WORKER_ATTR) == slow_worker
-                     and t.state == TrialState.RUNNING and t.intermediate_values), None)
+        worker = f"{socket.gethostname()}:{proc.pid}"
+        return next((t for t in trials if t.user_attrs.get(sweep.WORKER_ATTR) == worker
+                     and t.state == TrialState.RUNNING and (t.intermediate_values or not training)), None)
 
     deadline = time.time() + 180
-    while (killed := slow_trial_training()) is None:
+    while (killed := trial_of(slow, training=True)) is None:  # A has claimed a trial and trains it
         assert time.time() < deadline and slow.poll() is None, "worker A never trained a trial"
+        time.sleep(0.5)
+    fast = start_worker(worker_args(tmp_path, mnist_root, pg_url, "b", *common), tmp_path)
+    while trial_of(fast, training=False) is None:  # B runs beside A
+        assert time.time() < deadline and fast.poll() is None, "worker B never claimed a trial"
         time.sleep(0.5)
     slow.send_signal(signal.SIGKILL)
     (code_a, _), (code_b, err_b) = finish([slow, fast])
@@ -284,14 +289,20 @@ def test_an_unreachable_tracking_server_stops_a_worker_at_once(tmp_path, mnist_r
 def test_the_budget_lock_serializes_claims_between_processes(tmp_path):
     """While one process holds a study's claim lock, another process cannot take it (it waits)."""
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    storage = sweep.make_storage(url)
     other = ("import sys; from mnist_sweep import sweep\n"
-             f"with sweep.claim_lock(sweep.make_storage({url!r}), 's'): print('got it', flush=True)\n")
-    with sweep.claim_lock(storage, "s"):
-        proc = subprocess.Popen([sys.executable, "-c", other], stdout=subprocess.PIPE, text=True)
-        timer = threading.Timer(20, proc.kill)
-        timer.start()
-        time.sleep(3)
-        assert proc.poll() is None  # still waiting for the lock
-    assert proc.communicate(timeout=20)[0].strip() == "got it"
-    timer.cancel()
+             f"storage = sweep.make_storage({url!r}); print('ready', flush=True); sys.stdin.readline()\n"
+             "with sweep.claim_lock(storage, 's'): print('got it', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", other], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    timer = threading.Timer(60, proc.kill)
+    timer.start()
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        with sweep.claim_lock(sweep.make_storage(url), "s"):
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            time.sleep(2)
+            assert proc.poll() is None  # still waiting for the lock
+        assert proc.communicate(timeout=30)[0].strip() == "got it"
+    finally:
+        timer.cancel()
+        proc.kill()
