@@ -155,6 +155,7 @@ def claim_lock(storage: RDBStorage, study_name: str) -> ContextManager[None]:
     PostgreSQL: an advisory lock; SQLite: an flock on a file beside the database. Both are released when their
     holder dies, so a SIGKILLed worker cannot block the others. Other databases get no lock (and a warning): there
     workers can overshoot n_trials by a trial or two."""
+    storage = getattr(storage, "_backend", storage)  # a study's storage is Optuna's cache over the RDBStorage
     url = storage.engine.url
     if url.get_backend_name() == "postgresql":
         return locks.advisory_lock(storage.engine, f"mnist_sweep claim {study_name}")

@@ -57,17 +57,16 @@ def make_client(tracking_uri: str):
 
     if tracking_uri.startswith(("http://", "https://")):
         check_server(tracking_uri)
-    client = MlflowClient(tracking_uri=tracking_uri)
     database = sqlite_file(tracking_uri)
-    if database is not None:  # the first use creates the tables: two sweeps started at once must not race
-        try:
-            database.parent.mkdir(parents=True, exist_ok=True)
-            with file_lock(database):
-                client.search_experiments(max_results=1)
-        except Exception as e:
-            raise ConfigError(f"MLflow tracking store {tracking_uri!r} (mlflow.tracking_uri) could not be opened: "
-                              f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
-    return client
+    if database is None:
+        return MlflowClient(tracking_uri=tracking_uri)
+    try:  # making the client creates the tables: two sweeps started at once on one file must not race
+        database.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(database):
+            return MlflowClient(tracking_uri=tracking_uri)
+    except Exception as e:
+        raise ConfigError(f"MLflow tracking store {tracking_uri!r} (mlflow.tracking_uri) could not be opened: "
+                          f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
 
 
 def check_server(uri: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
