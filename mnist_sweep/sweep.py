@@ -5,6 +5,9 @@ The split of work:
   trials, keeps their heartbeat while they train, and tells their final state;
 - each trial's job reports its validation metric per epoch (`TrialReporter`) to the same storage, so the
   pruner can stop it, whether the job runs in the sweeper's process or in another one.
+
+Many sweeper processes (workers, on one machine or many) can share one study: they claim trials one at a time
+under a lock the storage's database or OS holds (`claim_trials`), so together they run exactly n_trials.
 """
 
 from __future__ import annotations
@@ -12,23 +15,29 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
+import socket
 import threading
+import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import optuna
+import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from . import locks
 from .errors import ConfigError
 from .train import METRIC_DIRECTIONS
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the MLflow parent run, reused on resume
 FAIL_REASON_ATTR = "fail_reason"  # trial user attr: why a trial failed
 OVERRIDES_ATTR = "overrides"  # trial user attr: the command-line overrides that reproduce the trial
+WORKER_ATTR = "worker"  # trial user attr: host:pid of the sweeper process that claimed the trial
+CONNECT_TIMEOUT_S = 5  # a worker whose database does not answer in this many seconds stops with a clear error
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # Heartbeats, stale-trial retries and the matplotlib plots are "experimental" in Optuna since 2.x; they are what
@@ -49,29 +58,51 @@ def study_name_for(space_name: str, search_space: dict[str, Any], fixed: Sequenc
     return f"{space_name}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
-def sqlite_parent(url: str) -> Path | None:
-    """The folder a relative or absolute sqlite URL's file lives in (to create it), else None."""
-    prefix = "sqlite:///"
-    if not url.startswith(prefix) or url == prefix + ":memory:":
-        return None
-    return Path(url[len(prefix):]).parent
+def shown_url(url: str) -> str:
+    """The URL as messages may show it: the password masked."""
+    try:
+        return sqlalchemy.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: show it as given, it holds no parsed password
+        return url
 
 
 @functools.lru_cache(maxsize=8)
 def make_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30) -> RDBStorage:
     """One RDBStorage per URL per process (engine creation is the slow part), with heartbeats so that a
-    trial whose process died is failed and retried once instead of staying RUNNING forever."""
-    folder = sqlite_parent(url)
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    trial whose process died is failed and retried once instead of staying RUNNING forever.
+
+    Opening it connects and creates the tables, so a database that is down fails here, before any training,
+    within CONNECT_TIMEOUT_S."""
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 60}}  # seconds to wait for another writer's lock
+    elif url.startswith(("postgresql", "mysql")):
+        engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    database = locks.sqlite_file(url)
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                          grace_period=grace_period,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+        if database is not None:
+            database.parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(3):
+            try:  # a new database gets its tables here: one SQLite writer at a time, PostgreSQL workers retry
+                with locks.file_lock(database) if database else nullcontext():
+                    return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                                      grace_period=grace_period,
+                                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                if attempt == 2:
+                    raise
+                time.sleep(1)  # another worker is creating the same tables
     except Exception as e:
-        raise ConfigError(f"Optuna storage {url!r} could not be opened: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        raise ConfigError(f"Optuna storage {shown_url(url)!r} (hydra.sweeper.storage) could not be opened: "
+                          f"{first_line(e)}") from None
+
+
+def first_line(e: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message (drivers add pages of context)."""
+    if isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ is not None:
+        e = e.__cause__  # Optuna's wrapper of the database's error says less than the error itself
+    text = str(getattr(e, "orig", None) or e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def open_study(storage: RDBStorage, name: str, directions: list[str], sampler: optuna.samplers.BaseSampler,
@@ -111,6 +142,52 @@ def budget_used(study: optuna.Study) -> int:
 def failed_count(study: optuna.Study) -> int:
     """Failed trials that count against max_failure_rate."""
     return sum(1 for t in counted_trials(study) if t.state == TrialState.FAIL)
+
+
+def running_count(study: optuna.Study) -> int:
+    """Counted trials still RUNNING, in this worker or another: the budget is not done until they end."""
+    return sum(1 for t in counted_trials(study) if t.state == TrialState.RUNNING)
+
+
+def claim_lock(storage: RDBStorage, study_name: str) -> ContextManager[None]:
+    """A lock around 'count the budget, then claim trials', shared by every worker of a study.
+
+    PostgreSQL: an advisory lock; SQLite: an flock on a file beside the database. Both are released when their
+    holder dies, so a SIGKILLed worker cannot block the others. Other databases get no lock (and a warning): there
+    workers can overshoot n_trials by a trial or two."""
+    storage = getattr(storage, "_backend", storage)  # a study's storage is Optuna's cache over the RDBStorage
+    url = storage.engine.url
+    if url.get_backend_name() == "postgresql":
+        return locks.advisory_lock(storage.engine, f"mnist_sweep claim {study_name}")
+    if url.get_backend_name() == "sqlite":
+        database = locks.sqlite_file(url.render_as_string())
+        return locks.file_lock(database) if database else nullcontext()
+    warnings.warn(f"{url.get_backend_name()} storage: no claim lock, workers may overshoot n_trials")
+    return nullcontext()
+
+
+def claim_trials(study: optuna.Study, n_trials: int, most: int, before_ask: Callable[[optuna.Study], None],
+                 prepare: Callable[[optuna.Trial], None]) -> list[optuna.Trial]:
+    """Up to `most` trials of what is left of the study's budget, for this worker.
+
+    Under the claim lock: dead trials are failed (and re-queued, which frees their place in the budget), the
+    budget is counted, and each claimed trial gets its first heartbeat and is `prepare`d (its params suggested)
+    before the next worker may count. A re-queued trial is claimed before a new one is created."""
+    with claim_lock(study._storage, study.study_name):
+        optuna.storages.fail_stale_trials(study)
+        room = n_trials - budget_used(study)
+        if room <= 0:
+            return []
+        before_ask(study)
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        batch = []
+        for _ in range(min(most, room)):
+            trial = study.ask()
+            study._storage.record_heartbeat(trial._trial_id)
+            trial.set_user_attr(WORKER_ATTR, worker)
+            prepare(trial)
+            batch.append(trial)
+        return batch
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:

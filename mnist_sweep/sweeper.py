@@ -5,6 +5,8 @@ grammar and samplers, plus what that plugin lacks.
   epoch to the study, and stops when the pruner says so; the trial ends PRUNED, not FAIL.
 - Resume: `n_trials` is the study's total budget. Re-running the same command continues the same study; trials
   left RUNNING by a dead process are failed via heartbeats and re-queued once.
+- Workers: the same command on many machines shares one study (PostgreSQL storage) and its budget exactly; a
+  worker leaves once the budget is spent and no trial is running, so it picks up the trials of a dead worker.
 - Failures: a diverging trial is FAIL with its reason and the sweep goes on; a config error stops the sweep at the
   first trial with the single-run message; `max_failure_rate` is the share of failed trials in the study.
 - Records: one MLflow parent run per study (reused on resume) with a child run per trial; at the end the best
@@ -19,10 +21,12 @@ import functools
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
@@ -80,6 +84,11 @@ class MnistOptunaSweeper(Sweeper):
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:  # read-only, gone
+            print(f"error: Optuna storage {sweep.shown_url(self.storage_url)!r} (hydra.sweeper.storage) failed: "
+                  f"{sweep.first_line(e)}; finished trials are kept, run the same command again to resume",
+                  file=sys.stderr)
+            raise SystemExit(2) from None
         except KeyboardInterrupt:
             print("interrupted: the running trial is marked FAIL in the study and its MLflow run KILLED; run the "
                   "same command again to resume", file=sys.stderr)
@@ -102,9 +111,9 @@ class MnistOptunaSweeper(Sweeper):
         fixed_args = [f"{k}={v}" for k, v in fixed.items()] + list(fixed_overrides)
         name = self.study_name or sweep.study_name_for(self.space_name, distributions, fixed_args)
         storage = sweep.make_storage(self.storage_url, self.heartbeat_interval, self.grace_period)
+        self.client = tracking.make_client(self.config.mlflow.tracking_uri)  # checks a tracking server answers
         sampler, n_trials = self._sampler(storage, name, distributions)
         study = sweep.open_study(storage, name, directions, sampler)
-        self.client = tracking.make_client(self.config.mlflow.tracking_uri)
         parent = self._parent_run(study, distributions, directions)
         log.info(f"study {name!r} in {self.storage_url}: {sweep.budget_used(study)}/{n_trials} trials used; "
                  f"sampler {type(sampler).__name__}, pruner {self.config.pruner._target_}, "
@@ -140,12 +149,23 @@ class MnistOptunaSweeper(Sweeper):
         return given
 
     def _sampler(self, storage, name: str, distributions: dict) -> tuple[optuna.samplers.BaseSampler, int]:
-        """Instantiate the sampler; its seed is offset by the trials already in the study so a resumed study
-        draws new points. GridSampler gets its grid from the space and caps n_trials at the grid size."""
         try:
             existing = len(optuna.load_study(study_name=name, storage=storage).trials)
         except KeyError:
             existing = 0
+        return self._seeded_sampler(existing, distributions)
+
+    def _reseed_if_others_claimed(self, study: optuna.Study, distributions: dict) -> None:
+        """Workers started together would draw the same points from the same seed: when the study holds other
+        trials than this worker last saw, its sampler is rebuilt with the seed offset by the study's size."""
+        existing = len(study.get_trials(deepcopy=False))
+        if existing != self.seeded_for:
+            study.sampler, _ = self._seeded_sampler(existing, distributions)
+
+    def _seeded_sampler(self, existing: int, distributions: dict) -> tuple[optuna.samplers.BaseSampler, int]:
+        """Instantiate the sampler; its seed is offset by the trials already in the study so a resumed study
+        draws new points. GridSampler gets its grid from the space and caps n_trials at the grid size."""
+        self.seeded_for = existing
         cfg = OmegaConf.to_container(self.sampler_cfg, resolve=True)
         if cfg.get("seed") is not None:
             cfg["seed"] = sweep.reseeded(cfg["seed"], existing)
@@ -166,35 +186,61 @@ class MnistOptunaSweeper(Sweeper):
         return sampler, n_trials
 
     def _parent_run(self, study: optuna.Study, distributions: dict, directions: list[str]):
+        with sweep.claim_lock(study._storage, study.study_name):  # workers starting together make one parent
+            return self._find_or_create_parent_run(study, distributions, directions)
+
+    def _find_or_create_parent_run(self, study: optuna.Study, distributions: dict, directions: list[str]):
         parent_id = study.user_attrs.get(sweep.PARENT_RUN_ATTR)
         if parent_id is not None:
             return tracking.RunRecorder.resume(self.client, parent_id)
         rec = tracking.RunRecorder(self.client, self.config.mlflow.experiment, run_name=study.study_name,
                                    tags={"study": study.study_name, "kind": "study"})
         rec.log_params({"study": study.study_name, "sampler": type(study.sampler).__name__,
-                        "pruner": self.config.pruner._target_, "storage": self.storage_url,
+                        "pruner": self.config.pruner._target_, "storage": sweep.shown_url(self.storage_url),
                         "optimized_metric": ",".join(self._metrics()), "directions": ",".join(directions),
                         **{f"space.{k}": repr(v) for k, v in distributions.items()}})
         study.set_user_attr(sweep.PARENT_RUN_ATTR, rec.run_id)
         return rec
 
     def _close_orphan_child_runs(self, study: optuna.Study, parent_id: str) -> None:
-        """Child runs left RUNNING by a killed process, whose trial is no longer running, are marked KILLED."""
+        """Child runs left RUNNING by a killed process, whose trial is no longer running, are marked KILLED.
+
+        Runs are listed before trials, and re-read before they are closed: another worker's run that started or
+        finished meanwhile is left alone."""
+        runs = tracking.child_runs(self.client, parent_id, status="RUNNING")
         running = {t.number for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING}
-        for run in tracking.child_runs(self.client, parent_id, status="RUNNING"):
-            if int(run.data.tags.get("trial_number", -1)) not in running:
+        for run in runs:
+            if int(run.data.tags.get("trial_number", -1)) not in running and \
+                    self.client.get_run(run.info.run_id).info.status == "RUNNING":
                 self.client.set_tag(run.info.run_id, "trial_state", "FAIL")
                 self.client.set_terminated(run.info.run_id, status="KILLED")
 
     def _run_trials(self, study, storage, distributions, fixed_args, metrics, parent_id: str, n_trials: int) -> None:
-        while (used := sweep.budget_used(study)) < n_trials:
-            batch = [study.ask() for _ in range(min(self.n_jobs, n_trials - used))]
-            overrides = [self._overrides(study, t, distributions, fixed_args, parent_id) for t in batch]
-            for trial, ov in zip(batch, overrides):
-                trial.set_user_attr(sweep.OVERRIDES_ATTR, [o for o in ov if not o.startswith("optuna_trial.")])
+        """Claim, run and tell trials until the budget is spent and none is running, here or in another worker
+        (a dead worker's trial goes stale, is re-queued and claimed here)."""
+        overrides: dict[int, list[str]] = {}
+        waiting_for = 0
+
+        def prepare(trial) -> None:
+            ov = overrides[trial.number] = self._overrides(study, trial, distributions, fixed_args, parent_id)
+            trial.set_user_attr(sweep.OVERRIDES_ATTR, [o for o in ov if not o.startswith("optuna_trial.")])
+            self.seeded_for = len(study.get_trials(deepcopy=False))  # still under the claim lock
+
+        while True:
+            batch = sweep.claim_trials(study, n_trials, self.n_jobs,
+                                       lambda s: self._reseed_if_others_claimed(s, distributions), prepare)
+            if not batch:
+                if not (running := sweep.running_count(study)):
+                    return
+                if running != waiting_for:
+                    log.info(f"budget spent; waiting for {running} running trial(s) of other workers to end")
+                waiting_for = running
+                time.sleep(max(1, self.heartbeat_interval))
+                continue
             try:
                 with sweep.heartbeat(storage, [t._trial_id for t in batch]):
-                    returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
+                    returns = self.launcher.launch([overrides.pop(t.number) for t in batch],
+                                                   initial_job_idx=self.job_idx)
             except KeyboardInterrupt:
                 for trial in batch:
                     self._tell(study, trial, TrialState.FAIL, None, "interrupted (Ctrl-C)")
@@ -286,6 +332,7 @@ class MnistOptunaSweeper(Sweeper):
             log.info(f"Pareto front: {len(best)} trials: " + "; ".join(f"#{t.number} {t.values}" for t in best))
         parent.log_text(OmegaConf.to_yaml(OmegaConf.create(results)), "optimization_results.yaml")
         log.info(f"trials by state: {', '.join(f'{k} {v}' for k, v in counts.items() if v)}")
+        self._close_orphan_child_runs(study, parent.run_id)  # a dead worker's trial, failed while we ran
         self.client.set_terminated(parent.run_id, status=status)
 
     def _register_best(self, parent, run_id: str) -> None:

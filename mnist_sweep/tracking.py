@@ -16,6 +16,8 @@ from typing import Any, Mapping
 
 import torch
 
+from .errors import ConfigError
+from .locks import file_lock, sqlite_file
 from .model import IMAGE_SIZE, NUM_CLASSES, ModelConfig, build_model
 
 WEIGHTS_FILE = "model/weights.pt"
@@ -44,12 +46,43 @@ def git_commit(path: Path) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+CONNECT_TIMEOUT_S = 5  # seconds to wait for a tracking server before giving up with a clear error
+
+
 @functools.lru_cache(maxsize=8)
 def make_client(tracking_uri: str):
-    """One client per URI per process: opening a store checks the database schema, which takes a second."""
+    """One client per URI per process: opening a store checks the database schema, which takes a second.
+
+    A tracking server (http URI) must answer first: MLflow's own client retries for minutes before it gives up."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri)
+    if tracking_uri.startswith(("http://", "https://")):
+        check_server(tracking_uri)
+    database = sqlite_file(tracking_uri)
+    if database is None:
+        return MlflowClient(tracking_uri=tracking_uri)
+    try:  # making the client creates the tables: two sweeps started at once on one file must not race
+        database.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(database):
+            return MlflowClient(tracking_uri=tracking_uri)
+    except Exception as e:
+        raise ConfigError(f"MLflow tracking store {tracking_uri!r} (mlflow.tracking_uri) could not be opened: "
+                          f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+
+
+def check_server(uri: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise ConfigError unless something answers HTTP at `uri` (any status: a proxy may hide /health)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConfigError(f"MLflow tracking server {uri!r} (mlflow.tracking_uri) cannot be reached: {reason}; "
+                          "start it (mlflow server ...) or fix the URI") from None
 
 
 def experiment_id(client, name: str) -> str:

@@ -61,6 +61,8 @@ BAD_INPUTS = [
     ("optimizer.lr=1e12", "training diverged: the loss became NaN/inf"),
     ("model.channels=3", "Could not override 'model.channels'"),
     ("model=huge", "Could not find 'model/huge'"),
+    ("pruner=patient", "Could not find 'pruner/patient'"),
+    ("hydra/sweeper/sampler=bayes", "Could not find 'hydra/sweeper/sampler/bayes'"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append(("trainer.device=cuda", "CUDA is not available"))

@@ -14,7 +14,7 @@ from mnist_sweep.errors import ConfigError
 from mnist_sweep.model import build_model
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ["model", "optimizer", "scheduler", "data", "trainer", "pruner", "experiment"]
+GROUPS = ["model", "optimizer", "scheduler", "data", "trainer", "pruner", "experiment", "storage"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
@@ -104,3 +104,32 @@ def test_data_root_defaults_to_the_environment(monkeypatch):
 def test_bad_values_fail_while_building(override, message):
     with pytest.raises(ConfigError, match=message):
         build_spec(compose_config(override, "data.root=/x"))
+
+
+STORAGES = sorted(p.stem for p in (CONF / "storage").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("option", STORAGES)
+def test_every_storage_option_is_the_sweepers_storage(option):
+    """storage=<option> sets the URL the sweeper opens; SQLite, a file under outputs/, stays the default."""
+    cfg = compose_config(f"storage={option}", hydra=True)
+    assert cfg.hydra.sweeper.storage == cfg.storage.url
+    assert cfg.storage.url.startswith({"sqlite": "sqlite:///", "postgres": "postgresql://"}[option])
+    assert compose_config(hydra=True).hydra.sweeper.storage == "sqlite:///outputs/optuna.db"
+
+
+def test_many_workers_are_a_config_change():
+    cfg = compose_config("storage=postgres", "storage.url=postgresql://me@dbhost/mnist",
+                         "mlflow.tracking_uri=http://mlflow-host:5000", hydra=True)
+    assert cfg.hydra.sweeper.storage == "postgresql://me@dbhost/mnist"
+    assert cfg.mlflow.tracking_uri == "http://mlflow-host:5000"
+
+
+def test_slurm_launcher_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
+                        reason="hydra-submitit-launcher is not installed (pip install hydra-submitit-launcher)")
+    cfg = compose_config("hydra/launcher=slurm", "storage=postgres", hydra=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher.cpus_per_task == 4 and launcher.timeout_min == 60 and launcher.partition is None
+    assert launcher.submitit_folder.endswith("/.submitit/%j")

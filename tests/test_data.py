@@ -125,3 +125,18 @@ def test_images_and_labels_of_different_lengths_are_refused(tmp_path):
     write_idx(root / "MNIST" / "raw" / "train-labels-idx1-ubyte", np.zeros(49, dtype=np.uint8))
     with pytest.raises(DataError, match="50 images but 49 labels"):
         load_mnist(str(root), download=False)
+
+
+def test_a_file_with_a_wrong_magic_number_is_a_clear_error(tmp_path):
+    root = make_synthetic_mnist(tmp_path / "data", n_train=50, n_test=20)
+    path = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    path.write_bytes(b"\x12\x34\x56\x78" + path.read_bytes()[4:])  # not an IDX file: random bytes, say
+    with pytest.raises(DataError, match="MNIST files under .* could not be"):
+        load_mnist(str(root), download=False)
+
+
+def test_a_missing_labels_file_is_named(tmp_path):
+    root = make_synthetic_mnist(tmp_path / "data", n_train=50, n_test=20)
+    (root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(DataError, match="lacks t10k-labels-idx1-ubyte"):
+        load_mnist(str(root), download=False)

@@ -1,0 +1,308 @@
+"""Many workers on one study: the same `--multirun` command in several processes, sharing the study's budget, its
+pruner and its MLflow parent run; a killed worker's trial is picked up; an unreachable database or tracking
+server stops a worker before it trains.
+
+The PostgreSQL tests need a server: `.ci/run` starts a throwaway one and sets MNIST_SWEEP_TEST_PG to its DSN
+(postgresql://user@host:port, no database); each test creates its own database. Without it they skip.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import cli_args, mlflow_runs, run_cli
+from mnist_sweep import sweep
+
+PG = os.environ.get("MNIST_SWEEP_TEST_PG")
+needs_pg = pytest.mark.skipif(not PG, reason="no PostgreSQL: set MNIST_SWEEP_TEST_PG=postgresql://user@host:port "
+                                             "(.ci/run starts one)")
+SPACE = ["~hparams_search", "model.dropout=interval(0.1,0.6)", "optimizer.lr=tag(log,interval(0.1,1.0))"]
+FAST_BEAT = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def new_database(prefix: str) -> str:
+    """A fresh database on the test server; returns its URL."""
+    import psycopg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{PG}/{name}"
+
+
+@pytest.fixture
+def pg_url():
+    return new_database("optuna")
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` with a PostgreSQL backend on a loopback port, as the README tells users to run it."""
+    artifacts = tmp_path_factory.mktemp("mlflow-artifacts")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", new_database("mlflow"),
+                             "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True, text=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    try:
+        while True:
+            try:
+                import urllib.request
+
+                urllib.request.urlopen(f"{uri}/health", timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"mlflow server did not start: {proc.stderr.read()[-2000:]}")
+                time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn child, which we started
+        proc.wait(timeout=30)
+
+
+def worker_args(tmp_path, mnist_root, storage: str, name: str, *extra: str) -> list[str]:
+    return ["--multirun", *cli_args(tmp_path, mnist_root, "trainer.epochs=1", *SPACE), f"storage.url={storage}",
+            "hydra.sweeper.study_name=s", f"hydra.sweeper.experiment_dir={tmp_path / 'configs'}",
+            f"hydra.sweep.dir={tmp_path / 'outputs' / name}", *extra]
+
+
+def start_worker(args: list[str], cwd) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MNIST_ROOT": str(cwd / "no-such-data")}
+    return subprocess.Popen([sys.executable, "-m", "mnist_sweep", *args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finish(workers: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str]]:
+    results = []
+    for w in workers:
+        try:
+            _, err = w.communicate(timeout=timeout)
+        finally:
+            w.kill()
+        results.append((w.returncode, err))
+    return results
+
+
+def run_workers(n: int, tmp_path, mnist_root, storage: str, *extra: str) -> tuple[list[tuple[int, str]], float]:
+    """n workers on one study, started together; returns their (exit code, stderr) and the wall-clock seconds."""
+    start = time.perf_counter()
+    workers = [start_worker(worker_args(tmp_path, mnist_root, storage, f"w{i}", *extra), tmp_path) for i in range(n)]
+    results = finish(workers)
+    return results, time.perf_counter() - start
+
+
+def assert_exact_budget(study: optuna.Study, n_trials: int) -> None:
+    """n_trials counted trials, all finished, none run twice: distinct numbers and distinct params."""
+    counted = sweep.counted_trials(study)
+    assert len(counted) == n_trials, [(t.number, t.state) for t in study.trials]
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in counted)
+    assert TrialState.RUNNING not in [t.state for t in study.trials]
+    assert len({t.number for t in counted}) == n_trials
+    assert len({tuple(sorted(t.params.items())) for t in counted}) == n_trials
+
+
+def study_runs(client, runs, study: optuna.Study):
+    """The study's one parent run and its children, checked against the study's trials."""
+    parents = [r for r in runs if r.data.tags.get("kind") == "study"]
+    assert len(parents) == 1, [r.info.run_id for r in parents]
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert {r.info.run_id for r in runs} == {parent.info.run_id} | {c.info.run_id for c in children}
+    assert all(r.info.status != "RUNNING" for r in runs)
+    return parent, children
+
+
+@needs_pg
+@pytest.mark.slow
+def test_three_workers_share_one_study_and_its_budget_exactly(tmp_path, mnist_root, pg_url, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    n_trials = 6
+    results, seconds = run_workers(3, tmp_path, mnist_root, pg_url, "storage=postgres",
+                                   f"hydra.sweeper.n_trials={n_trials}", f"mlflow.tracking_uri={mlflow_server}",
+                                   "mlflow.experiment=three_workers")
+    print(f"3 workers, {n_trials} trials: {seconds:.1f} s")  # the closing note's figure (pytest -s)
+    assert [code for code, _ in results] == [0, 0, 0], [err[-2000:] for _, err in results]
+    study = optuna.load_study(study_name="s", storage=pg_url)
+    assert_exact_budget(study, n_trials)
+    assert len(study.trials) == n_trials  # nothing retried, nothing over budget
+    assert len({t.user_attrs[sweep.WORKER_ATTR] for t in study.trials}) >= 2  # they did run side by side
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("three_workers")
+    parent, children = study_runs(client, client.search_runs([exp.experiment_id], max_results=100), study)
+    assert sorted(int(c.data.tags["trial_number"]) for c in children) == list(range(n_trials))
+    assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {c.info.run_id for c in children}
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials/complete"] + \
+        parent.data.metrics["trials/pruned"] == n_trials
+
+
+@needs_pg
+@pytest.mark.slow
+def test_a_killed_workers_trial_is_failed_and_rerun_by_another(tmp_path, mnist_root, pg_url, mlflow_server):
+    """Worker A trains slowly and is SIGKILLed mid-trial; worker B spends the rest of the budget, waits for A's
+    trial to go stale, fails it and runs its re-queued copy: the study still ends with its budget."""
+    common = ["storage=postgres", "hydra.sweeper.n_trials=3", f"mlflow.tracking_uri={mlflow_server}",
+              "mlflow.experiment=killed_worker", *FAST_BEAT]
+    slow = start_worker(worker_args(tmp_path, mnist_root, pg_url, "a", *common, "trainer.epochs=60"), tmp_path)
+    fast = None
+
+    def trial_of(proc, training: bool):
+        """The RUNNING trial `proc` claimed (and has reported an epoch of, if `training`), else None."""
+        try:
+            trials = optuna.load_study(study_name="s", storage=pg_url).trials
+        except KeyError:
+            return None
+        worker = f"{socket.gethostname()}:{proc.pid}"
+        return next((t for t in trials if t.user_attrs.get(sweep.WORKER_ATTR) == worker
+                     and t.state == TrialState.RUNNING and (t.intermediate_values or not training)), None)
+
+    deadline = time.time() + 180
+    while (killed := trial_of(slow, training=True)) is None:  # A has claimed a trial and trains it
+        assert time.time() < deadline and slow.poll() is None, "worker A never trained a trial"
+        time.sleep(0.5)
+    fast = start_worker(worker_args(tmp_path, mnist_root, pg_url, "b", *common), tmp_path)
+    while trial_of(fast, training=False) is None:  # B runs beside A
+        assert time.time() < deadline and fast.poll() is None, "worker B never claimed a trial"
+        time.sleep(0.5)
+    slow.send_signal(signal.SIGKILL)
+    (code_a, _), (code_b, err_b) = finish([slow, fast])
+    assert code_a == -signal.SIGKILL and code_b == 0, err_b[-3000:]
+    study = optuna.load_study(study_name="s", storage=pg_url)
+    assert_exact_budget(study, 3)
+    assert study.trials[killed.number].state == TrialState.FAIL
+    (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert retry.params == killed.params and retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("killed_worker")
+    _, children = study_runs(client, client.search_runs([exp.experiment_id], max_results=100), study)
+    killed_runs = [c for c in children if c.data.tags["trial_number"] == str(killed.number)]
+    assert [r.info.status for r in killed_runs] == ["KILLED"]  # closed by worker B, not left RUNNING
+
+
+@pytest.mark.slow
+def test_two_sweeps_at_once_on_one_sqlite_file_share_the_budget(tmp_path, mnist_root):
+    """The same budget lock serves SQLite (an flock beside the file): two sweeps started together run n_trials."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    results, _ = run_workers(2, tmp_path, mnist_root, storage, "hydra.sweeper.n_trials=4")
+    assert [code for code, _ in results] == [0, 0], [err[-2000:] for _, err in results]
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert_exact_budget(study, 4)
+    assert len(study.trials) == 4
+    client, runs = mlflow_runs(tmp_path)
+    _, children = study_runs(client, runs, study)
+    assert len(children) == 4
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=needs_pg)])
+def test_pruning_judges_a_trial_against_other_workers_trials(tmp_path, backend):
+    """Two trials reported by another process (another worker) make the median; this process's trial, worse at
+    epoch 1, is pruned by it."""
+    from mnist_sweep.sweep import TrialRef, TrialReporter
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}" if backend == "sqlite" else new_database("pruning")
+    other_worker = (f"import optuna; s = optuna.create_study(study_name='p', storage={url!r}, direction='maximize')\n"
+                    "for v in (0.8, 0.9):\n"
+                    "    t = s.ask(); t.report(v, step=1); s.tell(t, v)\n")
+    subprocess.run([sys.executable, "-c", other_worker], check=True, timeout=60)
+    study = optuna.load_study(study_name="p", storage=url)
+    mine = study.ask()
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    reporter = TrialReporter(TrialRef(url, "p", mine.number), pruner, "val/acc", multi_objective=False)
+    with pytest.raises(optuna.TrialPruned):
+        reporter(1, {"val/acc": 0.5})
+    better = study.ask()
+    TrialReporter(TrialRef(url, "p", better.number), pruner, "val/acc", multi_objective=False)(1, {"val/acc": 0.95})
+
+
+class SilentServer:
+    """A TCP port that accepts connections and never answers: a database or server that hangs."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def silent_port():
+    server = SilentServer()
+    yield server.port
+    server.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["stopped", "hanging"])
+def test_an_unreachable_database_stops_a_worker_at_once_naming_the_url(tmp_path, mnist_root, fault, silent_port):
+    """A stopped server refuses the connection; a hanging one is cut off by the connect timeout (5 s)."""
+    port = free_port() if fault == "stopped" else silent_port
+    url = f"postgresql://someone:secret@127.0.0.1:{port}/mnist"
+    start = time.perf_counter()
+    result = run_cli(worker_args(tmp_path, mnist_root, url, "w", "storage=postgres"), cwd=tmp_path)
+    seconds = time.perf_counter() - start
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert f"Optuna storage 'postgresql://someone:***@127.0.0.1:{port}/mnist'" in line and "secret" not in line
+    assert "Traceback" not in result.stderr
+    assert seconds < 30  # start-up plus at most the connect timeout: no retrying for minutes
+    assert mlflow_runs(tmp_path)[1] == []  # nothing trained, nothing recorded
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["stopped", "hanging"])
+def test_an_unreachable_tracking_server_stops_a_worker_at_once(tmp_path, mnist_root, fault, silent_port):
+    port = free_port() if fault == "stopped" else silent_port
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    start = time.perf_counter()
+    result = run_cli(worker_args(tmp_path, mnist_root, storage, "w", f"mlflow.tracking_uri=http://127.0.0.1:{port}"),
+                     cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: MLflow tracking server 'http://127.0.0.1:{port}' (mlflow.tracking_uri) cannot be reached" \
+        in result.stderr and "Traceback" not in result.stderr
+    assert time.perf_counter() - start < 30
+    assert optuna.get_all_study_summaries(storage) == []  # no study, no trial
+
+
+def test_the_budget_lock_serializes_claims_between_processes(tmp_path):
+    """While one process holds a study's claim lock, another process cannot take it (it waits)."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    other = ("import sys; from mnist_sweep import sweep\n"
+             f"storage = sweep.make_storage({url!r}); print('ready', flush=True); sys.stdin.readline()\n"
+             "with sweep.claim_lock(storage, 's'): print('got it', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", other], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    timer = threading.Timer(60, proc.kill)
+    timer.start()
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        with sweep.claim_lock(sweep.make_storage(url), "s"):
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            time.sleep(2)
+            assert proc.poll() is None  # still waiting for the lock
+        assert proc.communicate(timeout=30)[0].strip() == "got it"
+    finally:
+        timer.cancel()
+        proc.kill()
