@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 from . import sweep, tracking
 from .data import default_root, load_mnist, normalize
 from .errors import UserError
+from .locks import sqlite_file
 from .train import confusion_matrix
 
 STATE_ORDER = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1, TrialState.RUNNING: 2, TrialState.FAIL: 3,
@@ -219,8 +220,8 @@ def latest_study(storage) -> str:
 
 def open_existing_study(storage_url: str, name: str | None) -> optuna.Study:
     """Load a study; a missing SQLite file or study name is a UserError that says what exists."""
-    folder = sweep.sqlite_parent(storage_url)
-    if folder is not None and not Path(storage_url[len("sqlite:///"):]).is_file():
+    database = sqlite_file(storage_url)
+    if database is not None and not database.is_file():
         raise UserError(f"--storage {storage_url}: no such SQLite file (run a sweep here first, or point "
                         "--storage at its outputs/optuna.db)")
     storage = sweep.make_storage(storage_url)
