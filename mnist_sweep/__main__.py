@@ -15,6 +15,7 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -35,6 +36,8 @@ from .train import (
 log = logging.getLogger("mnist_sweep")
 # outputs/configs (where sweeps write <study>_best experiments) is on Hydra's search path before it exists
 warnings.filterwarnings("ignore", message=r".*path=outputs/configs is not available")
+# Hydra builds our own callback and sweeper from _target_ without a whitelist; they are this package's code
+warnings.filterwarnings("ignore", message=r".*resolved _target_='mnist_sweep\.")
 REPO = Path(__file__).resolve().parent.parent
 TRUSTED_TARGETS = ("torch.optim.*", "optuna.pruners.*")  # what a config's _target_ may name
 
@@ -187,6 +190,29 @@ def trial_hooks(cfg: DictConfig, spec: RunSpec) -> dict[str, Any]:
         "on_start": lambda run_id: reporter.trial.set_user_attr("mlflow_run_id", run_id),
         "finished_on": (optuna.TrialPruned,),  # a pruned trial's run is complete as far as it went
     }
+
+
+class OutputDirCheck(Callback):
+    """Hydra creates its output folder before our code runs, and an unwritable one ends in Hydra's traceback;
+    this callback (hydra.callbacks in conf/config.yaml) turns it into one line, before anything starts."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_writable(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_writable(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+def _check_writable(folder: str, key: str) -> None:
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        probe = Path(folder) / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        print(f"error: {key}={folder} is not a writable folder ({e.strerror or e}); point it at one, e.g. "
+              f"{key}=outputs/runs/today", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 @hydra.main(config_path="../conf", config_name="config")

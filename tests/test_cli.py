@@ -102,3 +102,11 @@ def test_ctrl_c_marks_the_run_killed(tmp_path, mnist_root):
     assert code == 130 and "interrupted" in stderr and "Traceback" not in stderr
     _, (run,) = mlflow_runs(tmp_path)
     assert run.info.status == "KILLED"
+
+
+@pytest.mark.parametrize("mode, key", [([], "hydra.run.dir"), (["--multirun"], "hydra.sweep.dir")])
+def test_an_unwritable_output_folder_is_one_clear_error(tmp_path, mnist_root, mode, key):
+    (tmp_path / "a-file").write_text("")
+    proc = run_cli([*mode, *cli_args(tmp_path, mnist_root), f"{key}={tmp_path / 'a-file' / 'out'}"], cwd=tmp_path)
+    assert proc.returncode == 2 and f"error: {key}=" in proc.stderr and "not a writable folder" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "mlflow.db").exists()  # nothing started
