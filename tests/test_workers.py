@@ -19,7 +19,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import cli_args, mlflow_runs, run_cli
+from conftest import cli_args, free_port, mlflow_runs, run_cli
+from conftest import mlflow_server as start_mlflow_server
 from mnist_sweep import sweep
 
 PG = os.environ.get("MNIST_SWEEP_TEST_PG")
@@ -27,12 +28,6 @@ needs_pg = pytest.mark.skipif(not PG, reason="no PostgreSQL: set MNIST_SWEEP_TES
                                              "(.ci/run starts one)")
 SPACE = ["~hparams_search", "model.dropout=interval(0.1,0.6)", "optimizer.lr=tag(log,interval(0.1,1.0))"]
 FAST_BEAT = ["hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def new_database(prefix: str) -> str:
@@ -52,30 +47,10 @@ def pg_url():
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    """`mlflow server` with a PostgreSQL backend on a loopback port, as the README tells users to run it."""
+    """`mlflow server` with a PostgreSQL backend, as the README tells users to run it."""
     artifacts = tmp_path_factory.mktemp("mlflow-artifacts")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", new_database("mlflow"),
-                             "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True, text=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    try:
-        while True:
-            try:
-                import urllib.request
-
-                urllib.request.urlopen(f"{uri}/health", timeout=2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"mlflow server did not start: {proc.stderr.read()[-2000:]}")
-                time.sleep(0.5)
-        yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn child, which we started
-        proc.wait(timeout=30)
+    with start_mlflow_server(new_database("mlflow"), "--artifacts-destination", str(artifacts)) as url:
+        yield url
 
 
 def worker_args(tmp_path, mnist_root, storage: str, name: str, *extra: str) -> list[str]:
