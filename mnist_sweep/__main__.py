@@ -7,11 +7,13 @@ optimized metric, which is what a sweeper reads.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -21,8 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import tracking
 from .data import DataConfig
-from .errors import ConfigError, UserError
+from .errors import ConfigError, Terminated, UserError
 from .model import ModelConfig
+from .redact import has_literal_password, mask_secrets
 from .train import (
     RunSpec,
     TrainerConfig,
@@ -113,21 +116,36 @@ def format_epoch(epoch: int, epochs: int, m: dict[str, float]) -> str:
             f"{m['train/images_per_s']:,.0f} img/s")
 
 
-def progress_bar(enabled: bool, epochs: int, batch_size: int):
-    """A tqdm bar over one epoch's batches, counting images so the rate reads img/s; None when disabled."""
-    if not enabled:
-        return None
-    from tqdm import tqdm
+PROGRESS_EVERY_S = 30  # where stdout is no terminal (| tee, nohup, SLURM logs): a progress line this often
 
-    def wrap(batches, epoch):
-        return tqdm(batches, total=len(batches), desc=f"epoch {epoch}/{epochs}", leave=False,
-                    unit="img", unit_scale=batch_size, dynamic_ncols=True, file=sys.stdout)
 
-    return wrap
+def progress_bar(tty: bool, epochs: int, batch_size: int):
+    """Progress within an epoch: a tqdm bar on a terminal, counting images so the rate reads img/s; elsewhere a
+    plain log line every PROGRESS_EVERY_S seconds, which log files keep readable."""
+    if tty:
+        from tqdm import tqdm
+
+        def bar(batches, epoch):
+            return tqdm(batches, total=len(batches), desc=f"epoch {epoch}/{epochs}", leave=False,
+                        unit="img", unit_scale=batch_size, dynamic_ncols=True, file=sys.stdout)
+
+        return bar
+
+    def lines(batches, epoch):
+        start = last = time.perf_counter()
+        for i, batch in enumerate(batches, 1):
+            yield batch
+            now = time.perf_counter()
+            if now - last >= PROGRESS_EVERY_S and i < len(batches):
+                last = now
+                log.info(f"epoch {epoch}/{epochs}  {100 * i / len(batches):.0f}%  "
+                         f"{i * batch_size / (now - start):,.0f} img/s")
+
+    return lines
 
 
 def train_and_record(cfg: DictConfig, spec: RunSpec, parent_run_id: str | None = None,
-                     extra_tags: dict[str, str] | None = None, on_epoch_end=None,
+                     run_name: str | None = None, extra_tags: dict[str, str] | None = None, on_epoch_end=None,
                      on_start=None, finished_on: tuple[type, ...] = ()) -> tuple[list[float], str]:
     """Prepare (fail fast), then train inside one MLflow run; returns (objective values, run id).
 
@@ -138,10 +156,12 @@ def train_and_record(cfg: DictConfig, spec: RunSpec, parent_run_id: str | None =
         log.warning(warning)
     client = tracking.make_client(cfg.mlflow.tracking_uri)
     tags = run_tags(str(prepared.device)) | (extra_tags or {})
-    with tracking.RunRecorder(client, cfg.mlflow.experiment, cfg.mlflow.run_name, parent_run_id, tags,
+    with tracking.RunRecorder(client, cfg.mlflow.experiment, run_name or cfg.mlflow.run_name, parent_run_id, tags,
                               finished_on) as rec:
-        rec.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
-        rec.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        # resolved, so an ${oc.env:...} password is a value here: masked before anything is stored
+        rec.log_params({k: mask_secrets(str(v)) for k, v in
+                        tracking.flatten(OmegaConf.to_container(cfg, resolve=True)).items()})
+        rec.log_text(mask_secrets(OmegaConf.to_yaml(cfg, resolve=True)), "config.yaml")
         rec.log_metrics({"model/params": prepared.num_params}, step=0)
         if on_start:
             on_start(rec.run_id)
@@ -165,42 +185,63 @@ def train_and_record(cfg: DictConfig, spec: RunSpec, parent_run_id: str | None =
         values = objective_values(history, prepared.num_params, spec.optimized_metric)
         log.info(f"val/acc {history[-1]['val/acc']:.4f}  test/acc {test['acc']:.4f}  "
                  f"({', '.join(f'{n} {v:.4g}' for n, v in zip(spec.optimized_metric, values))} optimized)")
-        log.info(f"MLflow run {rec.run_id} in experiment {cfg.mlflow.experiment!r} at {cfg.mlflow.tracking_uri}. "
-                 f"See it with: mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}  (then open "
-                 f"http://127.0.0.1:5000/#/experiments/{rec.experiment_id}/runs/{rec.run_id})")
+        if parent_run_id is None:  # a sweep's trials: the study's lines say where its runs are
+            uri = mask_secrets(cfg.mlflow.tracking_uri)
+            log.info(f"MLflow run {rec.run_id} in experiment {cfg.mlflow.experiment!r} at {uri}. "
+                     f"See it with: mlflow ui --backend-store-uri {uri}  (then open "
+                     f"http://127.0.0.1:5000/#/experiments/{rec.experiment_id}/runs/{rec.run_id})")
     return values, rec.run_id
 
 
-def trial_hooks(cfg: DictConfig, spec: RunSpec) -> dict[str, Any]:
-    """In a sweep, the job's link to its Optuna trial: per-epoch reports (pruning) and the MLflow nesting."""
-    ref = cfg.get("optuna_trial")
-    if ref is None or ref.number is None:
+def trial_hooks(cfg: DictConfig, spec: RunSpec, env: Mapping[str, str]) -> dict[str, Any]:
+    """In a sweep, the job's link to its Optuna trial (found in `env`, see sweep.TrialRef): per-epoch reports
+    (pruning), the MLflow nesting and the run's name."""
+    from .sweep import TrialRef
+
+    ref = TrialRef.from_env(env)
+    if ref is None:
         return {}
     import optuna
 
-    from .sweep import TrialRef, TrialReporter
+    from .sweep import RUN_ID_ATTR, TrialReporter
 
     pruner = _factory(cfg.pruner, "pruner")[0]
-    reporter = TrialReporter(TrialRef(ref.storage, ref.study, int(ref.number)), pruner() if pruner else None,
+    reporter = TrialReporter(ref, pruner() if pruner else None,
                              metric=spec.optimized_metric[0], multi_objective=len(spec.optimized_metric) > 1)
     return {
         "parent_run_id": ref.parent_run_id,
+        "run_name": cfg.mlflow.run_name or f"trial-{ref.number}",
         "extra_tags": {"trial_number": str(ref.number), "study": ref.study},
         "on_epoch_end": reporter,
-        "on_start": lambda run_id: reporter.trial.set_user_attr("mlflow_run_id", run_id),
+        "on_start": lambda run_id: reporter.trial.set_user_attr(RUN_ID_ATTR, run_id),
         "finished_on": (optuna.TrialPruned,),  # a pruned trial's run is complete as far as it went
     }
 
 
 class OutputDirCheck(Callback):
-    """Hydra creates its output folder before our code runs, and an unwritable one ends in Hydra's traceback;
-    this callback (hydra.callbacks in conf/config.yaml) turns it into one line, before anything starts."""
+    """Checks made before Hydra writes or prints anything (hydra.callbacks in conf/config.yaml), each one line:
+    an unwritable output folder (else Hydra's traceback), and a password written out in a URL (else Hydra saves
+    it in every job's .hydra/ files)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_no_literal_password(config)
         _check_writable(config.hydra.run.dir, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_no_literal_password(config)
         _check_writable(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+def _check_no_literal_password(config: DictConfig) -> None:
+    """A password may reach a URL only at run time (${oc.env:VAR}, PGPASSWORD, ~/.pgpass), never as text."""
+    tree = OmegaConf.to_container(config, resolve=False)
+    for key, value in tracking.flatten(tree).items():
+        if isinstance(value, str) and has_literal_password(value):
+            print(f"error: {key}={mask_secrets(value)} holds a password in clear text, which would be saved in "
+                  "logs, Hydra's output folders and MLflow. Leave it out of the URL and set PGPASSWORD or "
+                  "~/.pgpass, or write it as ${oc.env:MY_DB_PASSWORD} and export MY_DB_PASSWORD",
+                  file=sys.stderr)
+            raise SystemExit(2)
 
 
 def _check_writable(folder: str, key: str) -> None:
@@ -219,21 +260,29 @@ def _check_writable(folder: str, key: str) -> None:
 def main(cfg: DictConfig) -> float | list[float]:
     try:
         spec = build_spec(cfg)
-        values, _ = train_and_record(cfg, spec, **trial_hooks(cfg, spec))
+        values, _ = train_and_record(cfg, spec, **trial_hooks(cfg, spec, os.environ))
     except UserError as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {mask_secrets(str(e))}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
-        print("interrupted: the MLflow run is marked KILLED", file=sys.stderr)
-        raise SystemExit(130) from None
+        terminated = isinstance(e, Terminated)
+        print(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}: the MLflow run is marked KILLED",
+              file=sys.stderr)
+        raise SystemExit(143 if terminated else 130) from None
     return values[0] if len(values) == 1 else values
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def cli() -> None:
+    # SIGTERM (kill, docker stop, SLURM, Kubernetes) ends runs and sweeps the way Ctrl-C does, not abruptly
+    signal.signal(signal.SIGTERM, _terminate)
     main()
 
 

@@ -18,3 +18,8 @@ class DataError(UserError):
 
 class DivergedError(UserError):
     """The training loss became NaN or infinite."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, docker stop, SLURM, Kubernetes), handled like Ctrl-C: runs end KILLED, trials FAIL and are
+    re-run once on resume, and the process exits 143. A KeyboardInterrupt, so every Ctrl-C path applies."""

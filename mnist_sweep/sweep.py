@@ -16,13 +16,14 @@ import functools
 import hashlib
 import json
 import os
+import re
 import socket
 import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
 
 import optuna
 import sqlalchemy
@@ -30,13 +31,23 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from . import locks
+from .redact import mask_secrets
 from .errors import ConfigError
 from .train import METRIC_DIRECTIONS
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the MLflow parent run, reused on resume
+RUN_ID_ATTR = "mlflow_run_id"  # trial user attr: the trial's MLflow run
 FAIL_REASON_ATTR = "fail_reason"  # trial user attr: why a trial failed
 OVERRIDES_ATTR = "overrides"  # trial user attr: the command-line overrides that reproduce the trial
 WORKER_ATTR = "worker"  # trial user attr: host:pid of the sweeper process that claimed the trial
+# A trial's job finds its trial through environment variables, so the identity crosses into launcher processes
+# (joblib, SLURM) without entering the app's config. The storage URL may hold a password: it travels in the
+# sweeper process's own environment, which child processes inherit, never through Hydra's saved job config.
+STORAGE_ENV = "MNIST_SWEEP_STORAGE"  # Optuna storage URL of the study
+STUDY_ENV = "MNIST_SWEEP_STUDY"  # study name
+TRIAL_ENV = "MNIST_SWEEP_TRIAL"  # trial number within the study
+PARENT_RUN_ENV = "MNIST_SWEEP_PARENT_RUN"  # the study's MLflow run, which the trial's run nests under
+STUDY_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # a file name on every OS, no path parts
 CONNECT_TIMEOUT_S = 5  # a worker whose database does not answer in this many seconds stops with a clear error
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -58,12 +69,17 @@ def study_name_for(space_name: str, search_space: dict[str, Any], fixed: Sequenc
     return f"{space_name}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
+def check_study_name(name: str) -> str:
+    """A study name becomes a file name (<study>_best.yaml, <study>.html): letters, digits, '_', '.', '-' only."""
+    if not STUDY_NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise ConfigError(f"study name {name!r} is not allowed: use 1-100 letters, digits, '_', '.' or '-', "
+                          "starting with a letter or digit (no '/' or '..': the name becomes a file name)")
+    return name
+
+
 def shown_url(url: str) -> str:
     """The URL as messages may show it: the password masked."""
-    try:
-        return sqlalchemy.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL at all: show it as given, it holds no parsed password
-        return url
+    return mask_secrets(url)
 
 
 @functools.lru_cache(maxsize=8)
@@ -172,7 +188,8 @@ def claim_trials(study: optuna.Study, n_trials: int, most: int, before_ask: Call
 
     Under the claim lock: dead trials are failed (and re-queued, which frees their place in the budget), the
     budget is counted, and each claimed trial gets its first heartbeat and is `prepare`d (its params suggested)
-    before the next worker may count. A re-queued trial is claimed before a new one is created."""
+    before the next worker may count. A re-queued trial is claimed before a new one is created. When the sampler
+    or `prepare` fails, the trials this call created are told FAIL with the reason: none is left RUNNING."""
     with claim_lock(study._storage, study.study_name):
         optuna.storages.fail_stale_trials(study)
         room = n_trials - budget_used(study)
@@ -180,14 +197,40 @@ def claim_trials(study: optuna.Study, n_trials: int, most: int, before_ask: Call
             return []
         before_ask(study)
         worker = f"{socket.gethostname()}:{os.getpid()}"
+        known = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         batch = []
-        for _ in range(min(most, room)):
-            trial = study.ask()
-            study._storage.record_heartbeat(trial._trial_id)
-            trial.set_user_attr(WORKER_ATTR, worker)
-            prepare(trial)
-            batch.append(trial)
+        try:
+            for _ in range(min(most, room)):
+                trial = study.ask()
+                batch.append(trial)
+                study._storage.record_heartbeat(trial._trial_id)
+                trial.set_user_attr(WORKER_ATTR, worker)
+                prepare(trial)
+        except BaseException as e:
+            reason = f"the sampler could not propose a trial: {first_line(e)}"
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if t.number not in known:  # created by this call (ask may fail after creating its trial)
+                    study._storage.set_trial_user_attr(t._trial_id, FAIL_REASON_ATTR, reason)
+                    study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            if isinstance(e, Exception) and not isinstance(e, ConfigError):
+                raise ConfigError(f"hydra.sweeper.sampler: {reason}") from None
+            raise
         return batch
+
+
+def suggest(trial: optuna.Trial, distributions: dict[str, optuna.distributions.BaseDistribution]) -> None:
+    """Draw every parameter of the space through the trial's public suggest API."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    for name, d in distributions.items():
+        if isinstance(d, FloatDistribution):
+            trial.suggest_float(name, d.low, d.high, step=d.step, log=d.log)
+        elif isinstance(d, IntDistribution):
+            trial.suggest_int(name, d.low, d.high, step=d.step, log=d.log)
+        elif isinstance(d, CategoricalDistribution):
+            trial.suggest_categorical(name, d.choices)
+        else:
+            raise ConfigError(f"search space: {name} has an unsupported distribution {d!r}")
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:
@@ -230,11 +273,24 @@ def reseeded(sampler_seed: int | None, used: int) -> int | None:
 
 @dataclass(frozen=True)
 class TrialRef:
-    """What a trial's job needs to find its trial: handed over as config values, so it crosses processes."""
+    """What a trial's job needs to find its trial and its MLflow parent; crosses processes as environment
+    variables (`as_env`, `from_env`)."""
 
     storage: str
     study: str
     number: int
+    parent_run_id: str | None = None
+
+    def job_env(self) -> dict[str, str]:
+        """The per-trial part, set in the job's environment by the launcher (no secret in it)."""
+        return {STUDY_ENV: self.study, TRIAL_ENV: str(self.number), PARENT_RUN_ENV: self.parent_run_id or ""}
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "TrialRef | None":
+        """The trial this process runs, or None outside a sweep."""
+        if not env.get(TRIAL_ENV) or not env.get(STORAGE_ENV):
+            return None
+        return cls(env[STORAGE_ENV], env[STUDY_ENV], int(env[TRIAL_ENV]), env.get(PARENT_RUN_ENV) or None)
 
 
 class TrialReporter:
@@ -278,32 +334,23 @@ def results_summary(study: optuna.Study) -> dict[str, Any]:
     return {"name": "optuna", "best_params": best[0].params, "best_value": best[0].value}
 
 
-def experiment_yaml(overrides: Sequence[str], groups: set[str], comment: str) -> str:
-    """A `# @package _global_` experiment config that reproduces a trial's overrides.
-
-    Group choices (`optimizer=adamw`) go into the defaults list, values (`model.dropout=0.3`) into the body.
-    """
+def experiment_yaml(choices: dict[str, str], values: dict[str, Any], comment: str) -> str:
+    """A `# @package _global_` experiment config that reproduces a trial: group choices ({'optimizer': 'adamw'})
+    go into the defaults list, values ({'model.dropout': 0.3}, already unescaped Python values) into the body."""
     import yaml
 
-    choices, values = [], {}
-    for item in overrides:
-        if item.startswith("~"):  # a deletion of a group (e.g. ~hparams_search) means nothing for one run
-            continue
-        key, _, value = item.partition("=")
-        key = key.lstrip("+")
-        if key in groups:
-            choices.append(f"override /{key}: {value}")
-            continue
-        node = values
+    body: dict[str, Any] = {}
+    for key, value in values.items():
+        node = body
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value) if value else None
+        node[leaf] = value
     lines = ["# @package _global_", f"# {comment}"]
     if choices:
-        lines += ["defaults:"] + [f"  - {c}" for c in choices]
-    body = yaml.safe_dump(values, sort_keys=True).strip() if values else ""
-    return "\n".join(lines + ([body] if body else [])) + "\n"
+        lines += ["defaults:"] + [f"  - override /{k}: {v}" for k, v in choices.items()]
+    text = yaml.safe_dump(body, sort_keys=True).strip() if body else ""
+    return "\n".join(lines + ([text] if text else [])) + "\n"
 
 
 def history_figures(study: optuna.Study) -> dict[str, Any]:

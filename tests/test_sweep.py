@@ -60,6 +60,12 @@ def test_sweep_runs_its_trials_each_nested_under_one_parent(tmp_path, mnist_root
     best = yaml.safe_load((tmp_path / "configs" / "experiment" / "s_best.yaml").read_text())
     assert best["model"]["dropout"] == pytest.approx(study.best_params["model.dropout"])
     assert "python -m mnist_sweep experiment=s_best" in result.stdout + result.stderr
+    # what the user reads: one line per trial end, no internals, child runs named after their trials
+    out = result.stdout + result.stderr
+    assert "trial 2 (3/3) COMPLETE val/acc" in out and "best so far #" in out
+    assert "MNIST_SWEEP" not in out and "env_set" not in out and "See it with" not in out
+    assert sorted(c.info.run_name for c in children) == ["trial-0", "trial-1", "trial-2"]
+    assert study.metric_names == ["val/acc"]
 
 
 def test_best_trial_experiment_config_reruns(tmp_path, mnist_root):
@@ -81,9 +87,18 @@ def test_resume_continues_the_same_study_to_its_total_budget(tmp_path, mnist_roo
     params = [tuple(sorted(t.params.items())) for t in study.trials]
     assert len(set(params)) == 5  # the seeded sampler did not replay the first invocation's proposals
     assert len(parents) == 1 and len(children) == 5
-    # a third run with the budget already spent runs nothing
+    # a third run with the budget already spent runs nothing, says how to extend it, and leaves nothing behind
+    sweep_dir = tmp_path / "outputs" / "sweep"
+    for f in sweep_dir.iterdir():
+        f.unlink() if f.is_file() else None
     third = run_cli(sweep_args(tmp_path, mnist_root, *SPACE, "hydra.sweeper.n_trials=5"), cwd=tmp_path)
     assert third.returncode == 0 and len(load(tmp_path).trials) == 5
+    assert "has used its budget (5/5 trials)" in third.stdout + third.stderr
+    assert "hydra.sweeper.n_trials=7" in third.stdout + third.stderr
+    assert "registered" not in third.stdout + third.stderr
+    _, _, parents_after, _ = study_and_runs(tmp_path)
+    assert [p.info.status for p in parents_after] == ["FINISHED"]
+    assert not any(sweep_dir.glob("*.yaml"))
 
 
 def test_the_same_command_derives_the_same_study_name(tmp_path, mnist_root):
@@ -221,14 +236,89 @@ def test_a_killed_sweep_leaves_no_trial_running_after_a_rerun(tmp_path, mnist_ro
     assert killed[0].info.status == "KILLED"
 
 
-def test_ctrl_c_stops_a_sweep_cleanly(tmp_path, mnist_root):
-    args = [a if a != "trainer.epochs=1" else "trainer.epochs=200"
-            for a in sweep_args(tmp_path, mnist_root, *SPACE, "hydra.sweeper.n_trials=3")]
-    code, stderr = signal_cli_when(args, tmp_path, lambda: load(tmp_path).trials[0].intermediate_values,
-                                   signal.SIGINT)
-    assert code == 130 and "interrupted" in stderr and "Traceback" not in stderr
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_sweep_stops_cleanly_and_reruns_the_trial_once(tmp_path, mnist_root, sig):
+    args = sweep_args(tmp_path, mnist_root, *SPACE, "hydra.sweeper.n_trials=2")
+    long_args = [a if a != "trainer.epochs=1" else "trainer.epochs=200" for a in args]
+    code, stderr = signal_cli_when(long_args, tmp_path, lambda: load(tmp_path).trials[0].intermediate_values, sig)
+    word = "interrupted" if sig == signal.SIGINT else "terminated (SIGTERM)"
+    assert code == (130 if sig == signal.SIGINT else 143) and word in stderr and "Traceback" not in stderr
     study, _, parents, children = study_and_runs(tmp_path)
-    (trial,) = study.trials
-    assert trial.state == TrialState.FAIL and "interrupted" in trial.user_attrs["fail_reason"]
+    trial, retry = study.trials  # the interrupted trial, and its parameters queued again
+    assert trial.state == TrialState.FAIL and word.split()[0] in trial.user_attrs["fail_reason"]
+    assert retry.state == TrialState.WAITING and retry.params == trial.params
     assert [c.info.status for c in children] == ["KILLED"]
     assert parents[0].info.status == "KILLED"
+    if sig == signal.SIGTERM:  # resuming runs the queued parameters once, then one new trial: the budget of 2
+        result = run_cli(args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        study = load(tmp_path)
+        assert [t.state for t in study.trials] == [TrialState.FAIL] + [TrialState.COMPLETE] * 2
+        assert study.trials[1].params == trial.params
+
+
+def test_a_storage_group_on_the_command_line_ends_in_a_best_config(tmp_path, mnist_root):
+    # the README's multi-worker pattern: a group choice and one of its values, both given to the sweep
+    args = [a for a in sweep_args(tmp_path, mnist_root, *SPACE, "hydra.sweeper.n_trials=2")
+            if not a.startswith("hydra.sweeper.storage=")]
+    result = run_cli([*args, "storage=sqlite", f"storage.url=sqlite:///{tmp_path / 'other.db'}",
+                      "data.max_rotation=2.5"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'other.db'}")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    _, runs = mlflow_runs(tmp_path)
+    assert [r.info.status for r in runs if r.data.tags.get("kind") == "study"] == ["FINISHED"]
+    text = (tmp_path / "configs" / "experiment" / "s_best.yaml").read_text()
+    best = yaml.safe_load(text)
+    assert "\\" not in text and best["data"]["root"] == str(mnist_root)  # no Hydra escaping left in values
+    assert best["data"]["max_rotation"] == 2.5 and "storage" not in best and "override /storage" not in text
+    assert "override /model: small" in text
+
+
+def test_a_plain_hydra_grid_runs_with_the_basic_sweeper(tmp_path, mnist_root):
+    result = run_cli(["--multirun", *cli_args(tmp_path, mnist_root, "trainer.epochs=1"), "hydra/sweeper=basic",
+                      "hparams_search=none", "trainer.seed=1,2"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, runs = mlflow_runs(tmp_path)
+    assert sorted(r.data.params["trainer.seed"] for r in runs) == ["1", "2"]
+
+
+def test_a_job_that_returns_no_number_fails_its_trial_and_the_sweep_goes_on(tmp_path):
+    """A foreign Hydra app on this sweeper whose task returns None or a string for some points."""
+    from conftest import REPO
+
+    (tmp_path / "app.py").write_text(
+        "import hydra\n"
+        "@hydra.main(config_path='.', config_name='config')\n"
+        "def main(cfg):\n"
+        "    return {1: 0.5, 2: None, 3: 'abc'}[cfg.x]\n"
+        "if __name__ == '__main__':\n"
+        "    main()\n")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({
+        "defaults": [{"override hydra/sweeper": "mnist_optuna"}, {"override hydra/sweeper/sampler": "grid"},
+                     "_self_"],
+        "x": 1, "optimized_metric": "val/acc", "pruner": {"_target_": None},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "foreign",
+                   "registered_model": None},
+        "hydra": {"searchpath": [f"file://{REPO / 'conf'}"], "sweeper": {
+            "params": {"x": "choice(1,2,3)"}, "n_trials": 3, "max_failure_rate": 1.0, "study_name": "f",
+            "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "experiment_dir": str(tmp_path / "configs")},
+            "sweep": {"dir": str(tmp_path / "sweep")}}}))
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "app.py", "--multirun"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = load(tmp_path, "f")
+    by_x = {t.params["x"]: t for t in study.trials}
+    assert by_x[1].state == TrialState.COMPLETE and by_x[1].value == 0.5
+    for x in (2, 3):
+        assert by_x[x].state == TrialState.FAIL and "expected a number" in by_x[x].user_attrs["fail_reason"]
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_sweeper_settings_are_one_line(tmp_path, mnist_root):
+    result = run_cli(sweep_args(tmp_path, mnist_root, *SPACE, "hydra.sweeper.n_trials=abc"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: hydra.sweeper.n_trials='abc' must be an integer")

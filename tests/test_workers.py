@@ -234,9 +234,10 @@ def silent_port():
 def test_an_unreachable_database_stops_a_worker_at_once_naming_the_url(tmp_path, mnist_root, fault, silent_port):
     """A stopped server refuses the connection; a hanging one is cut off by the connect timeout (5 s)."""
     port = free_port() if fault == "stopped" else silent_port
-    url = f"postgresql://someone:secret@127.0.0.1:{port}/mnist"
+    url = f"'postgresql://someone:${{oc.env:MNIST_TEST_SECRET}}@127.0.0.1:{port}/mnist'"
     start = time.perf_counter()
-    result = run_cli(worker_args(tmp_path, mnist_root, url, "w", "storage=postgres"), cwd=tmp_path)
+    result = run_cli(worker_args(tmp_path, mnist_root, url, "w", "storage=postgres"), cwd=tmp_path,
+                     env={"MNIST_TEST_SECRET": "secret"})
     seconds = time.perf_counter() - start
     assert result.returncode == 2, result.stderr[-3000:]
     (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]

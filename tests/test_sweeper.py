@@ -1,0 +1,179 @@
+"""The sweeper's pieces in-process, no CLI: the search space against the command line, the values a job
+returns, the best trial's recipe, the grid, every advertised sampler, the settings, names and secrets."""
+
+import optuna
+import pytest
+import yaml
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+
+from mnist_sweep import sweep
+from mnist_sweep.errors import ConfigError
+from mnist_sweep.redact import has_literal_password, mask_secrets
+from mnist_sweep.sweeper import MnistOptunaSweeper, grid_choices, objective_values, recipe, retry_once
+
+
+
+def advertised_samplers() -> list[str]:
+    """The hydra/sweeper/sampler options the upstream plugin registers (what README offers)."""
+    from hydra.core.config_store import ConfigStore
+
+    import hydra_plugins.hydra_optuna_sweeper.config  # noqa: F401 (registers the options)
+
+    return sorted(name.removesuffix(".yaml") for name in ConfigStore.instance().list("hydra/sweeper/sampler"))
+
+
+def sampler_config(name: str):
+    from hydra.core.config_store import ConfigStore
+
+    return OmegaConf.create(ConfigStore.instance().load(f"hydra/sweeper/sampler/{name}.yaml").node)
+
+
+SAMPLERS = [name for name in advertised_samplers() if name != "motpe"]  # motpe: a stub that says it was removed
+
+
+def sweeper(**settings) -> MnistOptunaSweeper:
+    sampler = OmegaConf.create({"_target_": "optuna.samplers.RandomSampler", "seed": 0})
+    return MnistOptunaSweeper(sampler=sampler, **settings)
+
+
+def test_the_command_line_wins_over_the_search_space_and_says_so(caplog):
+    s = sweeper(params={"model.conv1_channels": "choice(8,16)", "model.fc_width": "choice(64,128)",
+                        "model.batch_norm": "true", "optimizer.lr": "interval(0.01,0.1)"})
+    distributions, fixed = s._search_space(["model=small", "optimizer.lr=interval(0.1,1.0)", "trainer.seed=3"])
+    assert set(distributions) == {"optimizer.lr"} and distributions["optimizer.lr"].low == 0.1
+    assert sorted(fixed) == ["model=small", "trainer.seed=3"]
+    assert "left out model.batch_norm, model.conv1_channels, model.fc_width" in caplog.text
+
+
+def test_a_value_fixed_on_the_command_line_replaces_its_space_entry():
+    s = sweeper(params={"model.fc_width": "choice(64,128)", "model.dropout": "interval(0.1,0.5)"})
+    distributions, fixed = s._search_space(["model.fc_width=32"])
+    assert set(distributions) == {"model.dropout"} and fixed == ["model.fc_width=32"]
+
+
+@pytest.mark.parametrize("returned, n, expected", [
+    (0.5, 1, [0.5]), (1, 1, [1.0]), ([0.5, 3], 2, [0.5, 3.0]),
+    (None, 1, "expected a number"), ("abc", 1, "expected a number"), (True, 1, "expected a number"),
+    ([0.5], 2, "a list of 2 numbers"), (float("nan"), 1, "not finite"),
+])
+def test_what_a_job_returns_becomes_values_or_a_reason(returned, n, expected):
+    got = objective_values(returned, n)
+    assert got == expected if isinstance(expected, list) else expected in got
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("n_trials", 0, "hydra.sweeper.n_trials=0 must be an integer >= 1"),
+    ("n_trials", "abc", "hydra.sweeper.n_trials='abc' must be an integer >= 1"),
+    ("n_jobs", 1.5, "hydra.sweeper.n_jobs=1.5 must be an integer >= 1"),
+    ("max_failure_rate", 2, "hydra.sweeper.max_failure_rate=2 must be a number in [0, 1]"),
+    ("grace_period", True, "hydra.sweeper.grace_period=True must be an integer"),
+])
+def test_bad_sweeper_settings_name_the_key_and_what_is_allowed(setting, value, message):
+    with pytest.raises(ConfigError, match=None) as e:
+        sweeper(**{setting: value})._check_settings()
+    assert message in str(e.value)
+
+
+def test_the_best_recipe_is_unescaped_and_leaves_out_where_the_study_lives():
+    overrides = ["optimizer=adamw", "model.dropout=0.25", r"data.root=/data/mnist\ v2", "storage=postgres",
+                 "storage.url='postgresql://u@h/d'", "trainer.threads=1", "mlflow.tracking_uri=sqlite\\:///x.db",
+                 "~hparams_search", "data.download=false"]
+    choices, values = recipe(overrides, {"optimizer", "storage", "model"})
+    assert choices == {"optimizer": "adamw"}
+    assert values == {"model.dropout": 0.25, "data.root": "/data/mnist v2", "data.download": False}
+    text = sweep.experiment_yaml(choices, values, "best trial 3")
+    assert yaml.safe_load(text) == {"defaults": [{"override /optimizer": "adamw"}],
+                                    "model": {"dropout": 0.25}, "data": {"root": "/data/mnist v2", "download": False}}
+    assert text.startswith("# @package _global_\n")
+
+
+def test_a_grid_is_made_of_the_space_points_and_refuses_continuous_ranges():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    assert grid_choices("a", CategoricalDistribution(["x", "y"])) == ["x", "y"]
+    assert grid_choices("b", IntDistribution(2, 8, step=3)) == [2, 5, 8]
+    assert grid_choices("c", FloatDistribution(0.0, 0.5, step=0.25)) == [0.0, 0.25, 0.5]
+    with pytest.raises(ConfigError, match="c is FloatDistribution"):
+        grid_choices("c", FloatDistribution(0.0, 0.5))
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_every_advertised_sampler_builds_and_proposes_trials(name):
+    """Each conf/hydra/sweeper/sampler option, built as the sweeper builds it, runs a few trials of a mixed space
+    (cmaes needs the cmaes package, gp and qmc need scipy: all are dependencies)."""
+    s = MnistOptunaSweeper(sampler=sampler_config(name), n_trials=4)
+    s._check_settings()
+    distributions, _ = s._search_space(["x=choice(1,2)", "y=range(0,3)"] if name == "grid" else
+                                       ["x=interval(-1.0,1.0)", "y=range(0,3)", "z=choice(a,b)"])
+    sampler, n_trials = s._seeded_sampler(0, distributions)
+    study = optuna.create_study(sampler=sampler, directions=["minimize", "minimize"] if name == "nsgaii" else None)
+    for _ in range(n_trials):
+        trial = study.ask()
+        sweep.suggest(trial, distributions)
+        study.tell(trial, [trial.params["y"]] * len(study.directions))
+    assert len(study.trials) == n_trials and all(t.state == TrialState.COMPLETE for t in study.trials)
+
+
+def test_the_removed_motpe_sampler_is_one_clear_error():
+    s = MnistOptunaSweeper(sampler=sampler_config("motpe"))
+    with pytest.raises(ConfigError, match="motpe' sampler was removed in Optuna 4.0. Use 'hydra/sweeper/sampler=tpe'"):
+        s._check_settings()
+        s._seeded_sampler(0, {})
+
+
+class BrokenSampler(optuna.samplers.RandomSampler):
+    def sample_independent(self, study, trial, name, distribution):
+        raise ImportError("No module named 'somepackage'")
+
+
+def test_a_failing_sampler_leaves_no_trial_running(tmp_path):
+    storage = sweep.make_storage(f"sqlite:///{tmp_path / 'o.db'}")
+    study = sweep.open_study(storage, "s", ["maximize"], BrokenSampler())
+    space = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    with pytest.raises(ConfigError, match="sampler could not propose a trial: ImportError"):
+        sweep.claim_trials(study, 3, 1, lambda s: None, lambda t: sweep.suggest(t, space))
+    (trial,) = study.trials
+    assert trial.state == TrialState.FAIL and "somepackage" in trial.user_attrs["fail_reason"]
+
+
+def test_an_interrupted_trial_is_queued_again_once(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}")
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    study.tell(trial, state=TrialState.FAIL)
+    retry_once(study, trial.number)
+    retry_once(study, trial.number)  # a second interruption of the same trial queues nothing more
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].params == trial.params
+    assert sweep.budget_used(study) == 0  # the retry stands in for the interrupted trial
+
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/x", "a/b", "..", "", "-x", "a" * 101, "x y"])
+def test_a_study_name_is_a_name_not_a_path(name):
+    with pytest.raises(ConfigError, match="is not allowed"):
+        sweep.check_study_name(name)
+
+
+def test_ordinary_study_names_pass():
+    for name in ("default-3f2a9c1b", "pruned12", "my_study.v2"):
+        assert sweep.check_study_name(name) == name
+
+
+def test_url_passwords_are_masked_wherever_they_appear():
+    text = "error: storage 'postgresql+psycopg://bob:hunter2@db:5432/m' and http://al:pw@mlflow:5000/x"
+    assert mask_secrets(text) == "error: storage 'postgresql+psycopg://bob:***@db:5432/m' and http://al:***@mlflow:5000/x"
+    assert mask_secrets("sqlite:///outputs/optuna.db http://host:5000") == "sqlite:///outputs/optuna.db http://host:5000"
+
+
+def test_a_written_out_password_is_told_apart_from_one_resolved_at_run_time():
+    assert has_literal_password("postgresql://bob:hunter2@db/m")
+    assert not has_literal_password("postgresql://bob:${oc.env:DB_PASSWORD}@db/m")
+    assert not has_literal_password("postgresql://bob@db/m") and not has_literal_password("sqlite:///x.db")
+
+
+def test_the_trial_identity_travels_in_the_environment_without_the_storage_secret():
+    ref = sweep.TrialRef("postgresql://u:pw@h/d", "s", 3, "run1")
+    env = ref.job_env()
+    assert "pw" not in " ".join(env.values())
+    assert sweep.TrialRef.from_env({**env, sweep.STORAGE_ENV: ref.storage}) == ref
+    assert sweep.TrialRef.from_env({}) is None
