@@ -41,7 +41,19 @@ log = logging.getLogger("mnist_sweep")
 warnings.filterwarnings("ignore", message=r".*path=outputs/configs is not available")
 # Hydra builds our own callback and sweeper from _target_ without a whitelist; they are this package's code
 warnings.filterwarnings("ignore", message=r".*resolved _target_='mnist_sweep\.")
-REPO = Path(__file__).resolve().parent.parent
+
+
+def source_tree() -> Path | None:
+    """The checkout this code runs from (PYTHONPATH, `python -m` in the repo, an editable install); None when it
+    runs from an installed wheel."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "conf" / "config.yaml").is_file() else None
+
+
+SOURCE = source_tree()
+# A checkout reads its own conf/, so edits apply at once even when another copy is installed; an installed wheel
+# reads the copy it ships as the package mnist_sweep.conf.
+CONFIG_PATH = str(SOURCE / "conf") if SOURCE else "pkg://mnist_sweep.conf"
 TRUSTED_TARGETS = ("torch.optim.*", "optuna.pruners.*")  # what a config's _target_ may name
 
 
@@ -89,11 +101,11 @@ def build_spec(cfg: DictConfig) -> RunSpec:
 
 def compose_spec(overrides: list[str]) -> RunSpec:
     """The RunSpec that `python -m mnist_sweep OVERRIDES` would train, for entry points that are not Hydra apps."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize
     from hydra.errors import HydraException
 
     try:
-        with initialize_config_dir(config_dir=str(REPO / "conf")):
+        with initialize(config_path=CONFIG_PATH):
             cfg = compose("config", overrides=overrides)
     except HydraException as e:
         raise ConfigError(f"overrides {' '.join(overrides)}: {e}") from None
@@ -104,7 +116,7 @@ def run_tags(device: str) -> dict[str, str]:
     import torch
 
     tags = {"device": device, "torch": torch.__version__}
-    commit = tracking.git_commit(REPO)
+    commit = tracking.git_commit(SOURCE) if SOURCE else None  # an installed wheel has no commit of its own
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags
@@ -256,7 +268,7 @@ def _check_writable(folder: str, key: str) -> None:
         raise SystemExit(2) from None
 
 
-@hydra.main(config_path="../conf", config_name="config")
+@hydra.main(config_path=CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> float | list[float]:
     try:
         spec = build_spec(cfg)
@@ -276,11 +288,17 @@ def main(cfg: DictConfig) -> float | list[float]:
     return values[0] if len(values) == 1 else values
 
 
+APP_NAME = "mnist-sweep"  # the console script ([project.scripts] in pyproject.toml)
+
+
 def _terminate(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
 def cli() -> None:
+    # Hydra's bash completion registers itself for the program in argv[0]; under `python -m` that is this file,
+    # which would hook every `python` command and still complete nothing. Name the console script instead.
+    sys.argv[0] = APP_NAME
     # SIGTERM (kill, docker stop, SLURM, Kubernetes) ends runs and sweeps the way Ctrl-C does, not abruptly
     signal.signal(signal.SIGTERM, _terminate)
     main()

@@ -1,18 +1,18 @@
 """Locks between processes, for workers that share a study or a SQLite file.
 
-Each is released when its holder dies (the OS closes the file, the database ends the session), so a worker
-killed with SIGKILL never blocks the others.
+Each is released when its holder dies (the OS closes the lock file's handle, the database ends the session), so
+a worker killed with SIGKILL never blocks the others. Nothing here is Unix-only: the package imports on Windows.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import sqlalchemy
+from filelock import FileLock
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -25,12 +25,10 @@ def sqlite_file(url: str) -> Path | None:
     return None if path in ("", ":memory:") else Path(path)
 
 
-@contextmanager
-def file_lock(database: Path) -> Iterator[None]:
-    """An exclusive flock on `<database>.lock`, beside the database file."""
-    with open(f"{database}.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield  # closing the file releases the lock
+def file_lock(database: Path) -> FileLock:
+    """An exclusive lock on `<database>.lock`, beside the database file, to use in a `with` block; it waits as
+    long as another process holds it. flock on Unix and a locked handle on Windows: both end with the process."""
+    return FileLock(f"{database}.lock")
 
 
 @contextmanager

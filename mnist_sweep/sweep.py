@@ -168,9 +168,9 @@ def running_count(study: optuna.Study) -> int:
 def claim_lock(storage: RDBStorage, study_name: str) -> ContextManager[None]:
     """A lock around 'count the budget, then claim trials', shared by every worker of a study.
 
-    PostgreSQL: an advisory lock; SQLite: an flock on a file beside the database. Both are released when their
-    holder dies, so a SIGKILLed worker cannot block the others. Other databases get no lock (and a warning): there
-    workers can overshoot n_trials by a trial or two."""
+    PostgreSQL: an advisory lock; SQLite: a file lock beside the database (flock on Unix). Both are released when
+    their holder dies, so a SIGKILLed worker cannot block the others. Other databases get no lock (and a warning):
+    there workers can overshoot n_trials by a trial or two."""
     storage = getattr(storage, "_backend", storage)  # a study's storage is Optuna's cache over the RDBStorage
     url = storage.engine.url
     if url.get_backend_name() == "postgresql":

@@ -84,15 +84,6 @@ def test_bad_input_fails_with_one_clear_message(tmp_path, mnist_root, override, 
         assert runs == []
 
 
-def test_hydra_views_work(tmp_path):
-    help_text = run_cli(["--help"], cwd=tmp_path)
-    assert help_text.returncode == 0
-    for group in ("model: default, small, wide", "optimizer: adadelta, adamw, sgd"):
-        assert group in help_text.stdout
-    job = run_cli(["--cfg", "job", "model=wide"], cwd=tmp_path)
-    assert job.returncode == 0 and "conv1_channels: 64" in job.stdout
-
-
 def test_ctrl_c_marks_the_run_killed(tmp_path, mnist_root):
     def training():
         return any(r.info.status == "RUNNING" and "train/loss" in r.data.metrics for r in mlflow_runs(tmp_path)[1])

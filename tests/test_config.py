@@ -1,5 +1,6 @@
 """Every option of every config group composes with Hydra's compose API and builds a valid run."""
 
+import re
 from pathlib import Path
 
 import optuna
@@ -60,11 +61,17 @@ def test_every_search_space_composes_and_parses(space):
 
 
 def test_every_yaml_value_is_commented():
-    """House rule: each value says what it means. Lines that set a value carry a '#' comment."""
+    """House rule: each value says what it means. Lines that set a value carry a '#' comment; the lines of a block
+    text (`key: |  # comment`, the help page) are that value, commented on its key's line."""
     bare = []
     for path in CONF.rglob("*.yaml"):
+        block = None  # indentation of the key whose block text follows
         for n, line in enumerate(path.read_text().splitlines(), 1):
             s = line.strip()
+            indent = len(line) - len(line.lstrip())
+            if block is not None and (not s or indent > block):
+                continue
+            block = indent if re.search(r":\s*[|>][-+]?\s*(#.*)?$", s) else None
             if not s or s.startswith(("#", "-")) or s.endswith(":") or "#" in s:
                 continue
             bare.append(f"{path.relative_to(CONF)}:{n}: {s}")
