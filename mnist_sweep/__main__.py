@@ -6,6 +6,7 @@ optimized metric, which is what a sweeper reads.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -22,6 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from . import tracking
+from .config_types import check_fields, check_numeric_kwargs, is_number, shown
 from .data import DataConfig
 from .errors import ConfigError, Terminated, UserError
 from .model import ModelConfig
@@ -60,6 +62,7 @@ TRUSTED_TARGETS = ("torch.optim.*", "optuna.pruners.*")  # what a config's _targ
 def _section(cfg: DictConfig, key: str, cls: type) -> Any:
     """cfg[key] as the dataclass `cls`; an unknown or mistyped key names itself."""
     values = OmegaConf.to_container(cfg[key], resolve=True)
+    check_fields(cls, values, key)
     try:
         return cls(**values)
     except TypeError as e:
@@ -76,6 +79,11 @@ def _factory(node: DictConfig | None, key: str):
         partial = hydra.utils.instantiate(kwargs, _execution_whitelist_=TRUSTED_TARGETS)
     except Exception as e:
         raise ConfigError(f"{key}._target_={node._target_!r} could not be built: {e}") from None
+    if isinstance(partial, functools.partial):
+        check_numeric_kwargs(partial.func, kwargs, key)
+    lr = kwargs.get("lr")
+    if key == "optimizer" and is_number(lr) and not lr > 0:  # torch takes lr=0 and trains nothing
+        raise ConfigError(f"optimizer.lr={lr} must be > 0: it scales every update")
     if key == "scheduler":
         wants_steps = "steps_per_epoch" in kwargs
         return (lambda opt, steps: partial(opt, steps_per_epoch=steps) if wants_steps else partial(opt)), interval
@@ -84,6 +92,7 @@ def _factory(node: DictConfig | None, key: str):
 
 def build_spec(cfg: DictConfig) -> RunSpec:
     """The composed config as plain, validated dataclasses; raises ConfigError naming the bad key."""
+    check_mlflow_section(cfg.mlflow)
     metrics = cfg.optimized_metric
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     make_optimizer, _ = _factory(cfg.optimizer, "optimizer")
@@ -97,6 +106,16 @@ def build_spec(cfg: DictConfig) -> RunSpec:
         scheduler_interval=interval,
         optimized_metric=metrics,
     )
+
+
+def check_mlflow_section(mlflow: DictConfig) -> None:
+    """What a run needs of the mlflow keys, checked before any MLflow call (an empty experiment name would
+    fail only once the run is being created)."""
+    for name, example in (("tracking_uri", "sqlite:///mlflow.db"), ("experiment", "mnist_sweep")):
+        value = mlflow.get(name)
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"mlflow.{name}={shown(value)} must be a non-empty string, e.g. "
+                              f"mlflow.{name}={example}")
 
 
 def compose_spec(overrides: list[str]) -> RunSpec:

@@ -9,8 +9,10 @@ Two loader modes serve the same split:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -20,8 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import ConfigError, DataError
+from .model import NUM_CLASSES
 
 LOADERS = ("memory", "classic")
+DOWNLOAD_TIMEOUT_S = 30.0  # seconds a mirror may take to connect or to send the next bytes of a download
 RAW_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -88,8 +92,18 @@ def load_mnist(root: str, download: bool) -> MnistArrays:
                                 f"{len(part.data)} images but {len(part.targets)} labels, images of shape "
                                 f"{tuple(part.data.shape[1:])} (expected 28x28). Replace them with the official "
                                 "files.")
+            _check_labels(part.targets, Path(part.raw_folder).absolute() / f"{name}-labels-idx1-ubyte")
         _CACHE[key] = MnistArrays(train.data, train.targets, test.data, test.targets)
     return _CACHE[key]
+
+
+def _check_labels(labels: Tensor, path: Path) -> None:
+    """Every label a class of the net: a stray 200 would stop training midway with "Target 200 is out of bounds"."""
+    bad = ((labels < 0) | (labels >= NUM_CLASSES)).nonzero()
+    if len(bad):
+        i = bad[0].item()
+        raise DataError(f"MNIST labels file {path} holds label {labels[i].item()} at position {i} ({len(bad)} "
+                        f"label(s) out of range); allowed: 0..{NUM_CLASSES - 1}. Replace it with the official file.")
 
 
 def clear_cache() -> None:
@@ -105,19 +119,67 @@ def _torchvision_mnist(root: str, train: bool, download: bool, transform=None):
            f"{', '.join(RAW_FILES)}; e.g. `export MNIST_ROOT=../shared/data` or `data.root=/path/to/data`, "
            "or run once with internet access and data.download=true.")
     try:
-        return MNIST(root=str(Path(root).expanduser()), train=train, download=download, transform=transform)
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S) if download else contextlib.nullcontext():
+            return MNIST(root=str(Path(root).expanduser()), train=train, download=download, transform=transform)
     except (RuntimeError, OSError) as e:
         missing = [f for f in RAW_FILES if not (raw / f).is_file()]
         if missing:
             how = "download failed" if download else "data.download=false"
-            raise DataError(f"MNIST not found: {raw} lacks {', '.join(missing)} ({how}: "
-                            f"{_first_line(e)}). {fix}") from None
+            why = _first_line(e)
+            if isinstance(e, TimeoutError):
+                why = f"a mirror sent nothing for {DOWNLOAD_TIMEOUT_S:g} s: {why}"
+            raise DataError(f"MNIST not found: {raw} lacks {', '.join(missing)} ({how}: {why}). {fix}") from None
+        header = _header_problem(raw)
+        if header:
+            raise DataError(header) from None
         raise DataError(f"MNIST files under {raw} could not be read ({_first_line(e)}). They may be truncated "
                         f"or corrupt: compare their md5 with the official ones, or delete them and download "
                         f"again. {fix}") from None
     except Exception as e:  # parsing errors from torchvision's IDX reader (AssertionError, ValueError, ...)
+        header = _header_problem(raw)
+        if header:
+            raise DataError(header) from None
         raise DataError(f"MNIST files under {raw} could not be parsed ({type(e).__name__}: {_first_line(e)}). "
                         f"They may be truncated or corrupt: delete them and download again. {fix}") from None
+
+
+# The first 4 bytes of an IDX file: 0, 0, the element type (0x08 = unsigned byte), the number of dimensions
+IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _header_problem(raw: Path) -> str | None:
+    """Why torchvision's IDX reader failed, when a file's header says it: the first file under `raw` whose magic
+    number is not MNIST's, explained; None when every header looks right."""
+    for name in RAW_FILES:
+        path = raw / name
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+        except OSError:
+            continue
+        expected = IDX_MAGIC["images" if "images" in name else "labels"]
+        if len(head) == 4 and int.from_bytes(head, "big") == expected:
+            continue
+        found = f"0x{int.from_bytes(head, 'big'):08x}" if len(head) == 4 else f"only {len(head)} byte(s)"
+        dims = expected & 0xFF
+        hint = " It looks gzip-compressed: gunzip it." if head.startswith(GZIP_MAGIC) else ""
+        return (f"MNIST file {path} has magic number {found}, expected 0x{expected:08x} (an IDX file of unsigned "
+                f"bytes with {dims} dimension{'s' if dims > 1 else ''}): it is not an MNIST {name.split('-')[1]} "
+                f"file.{hint} Delete it and download again, or replace it with the official file.")
+    return None
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """torchvision's downloads open URLs without a timeout: a mirror that accepts and never answers would hang
+    the run forever. The process-wide default timeout bounds each connect and read; restored afterwards."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def _first_line(e: BaseException) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +23,10 @@ from .model import IMAGE_SIZE
 
 DIGIT_BOX = 20  # MNIST scales each digit's bounding box into 20x20 before centring it in 28x28
 INK = 0.2  # after contrast stretching, fainter pixels count as background (paper texture, sensor noise)
+# Reading: a digit needs far fewer pixels than a photo has. Images are shrunk to WORK_SIDE a side on load, and
+# those larger than MAX_PIXELS as decoded are refused before decoding (a 12000x12000 PNG took 13 s and 2.4 GB).
+WORK_SIDE = 1024  # pixels: the longer side an image is shrunk to before finding the digit
+MAX_PIXELS = 40_000_000  # decoded pixels (a JPEG is decoded at down to 1/8 scale): about 160 MB as RGBA
 
 
 def to_mnist(gray: np.ndarray) -> np.ndarray:
@@ -56,21 +61,37 @@ def to_mnist(gray: np.ndarray) -> np.ndarray:
 
 
 def read_gray(path: Path) -> np.ndarray:
-    """An image file as uint8 grayscale (H, W); transparency is laid over white, photos are turned upright."""
+    """An image file as uint8 grayscale (H, W), shrunk to at most WORK_SIDE a side; transparency is laid over
+    white, photos are turned upright. Refused when it would decode to more than MAX_PIXELS."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS, below, is the limit
+            img = Image.open(path)
+        with img:
+            width, height = img.size
+            img.draft("L", (WORK_SIDE, WORK_SIDE))  # JPEG only: decode at 1/2 .. 1/8 scale, still >= WORK_SIDE
+            if img.width * img.height > MAX_PIXELS:
+                raise UserError(_too_large(path, f"{width}x{height} pixels"))
+            img.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.BOX)
             img = ImageOps.exif_transpose(img)
             if "A" in img.getbands() or "transparency" in img.info:
                 img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
             return np.asarray(img.convert("L"))
+    except Image.DecompressionBombError:  # so large that Pillow refuses to open it at all
+        raise UserError(_too_large(path, f"more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels")) from None
     except UnidentifiedImageError:
         raise UserError(f"{path}: not an image (expected PNG or JPEG)") from None
     except OSError as e:
         raise UserError(f"{path}: the image could not be read ({e})") from None
+
+
+def _too_large(path: Path, size: str) -> str:
+    return (f"{path}: the image is too large to read ({size}); allowed: at most {MAX_PIXELS:,} pixels, "
+            "e.g. 8000x5000 (a JPEG may be larger: it is decoded at down to 1/8 scale). Scale it down first")
 
 
 def load_digit(path: Path) -> np.ndarray:

@@ -6,17 +6,22 @@ run is ended with a status even when training dies: FINISHED, FAILED, or KILLED 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
+import io
 import json
+import logging
 import math
 import subprocess
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 from .locks import file_lock, sqlite_file
 from .model import IMAGE_SIZE, NUM_CLASSES, ModelConfig, build_model
 
@@ -93,8 +98,64 @@ def experiment_id(client, name: str) -> str:
 
     try:
         return client.create_experiment(name)
-    except MlflowException:  # created meanwhile by a parallel worker
-        return client.get_experiment_by_name(name).experiment_id
+    except MlflowException:  # created meanwhile by a parallel worker, or a failed write (a lock): raise that
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+LOCK_WAIT_S = 60.0  # seconds a write waits in all for another process's lock on a SQLite store (as Optuna's does)
+_LOCKED = "database is locked"
+T = TypeVar("T")
+
+
+class _DropLockedErrors(logging.Filter):
+    """MLflow logs a traceback for every failed attempt; the ones retried here are not news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and _LOCKED in str(record.exc_info[1]))
+
+
+def retry_locked(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """call(*args, **kwargs), again with backoff while a SQLite store answers "database is locked": another
+    process holds its lock longer than the 20 s MLflow waits per attempt. After LOCK_WAIT_S, a UserError."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    delay = 0.1
+    quiet = _DropLockedErrors()
+    mlflow_db_log = logging.getLogger("mlflow.store.db.utils")
+    mlflow_db_log.addFilter(quiet)
+    try:
+        while True:
+            try:
+                return call(*args, **kwargs)
+            except Exception as e:
+                if _LOCKED not in str(e):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise UserError(f"the MLflow tracking store (mlflow.tracking_uri) stayed locked by another "
+                                    f"process for {LOCK_WAIT_S:g} s ({_LOCKED}); stop the other writer (an open "
+                                    "sqlite3 shell, a stuck process) and run again") from None
+            time.sleep(delay)
+            delay = min(2 * delay, 2.0)
+    finally:
+        mlflow_db_log.removeFilter(quiet)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, file over a size limit, quota exceeded
+
+
+@contextlib.contextmanager
+def disk_space(folder: Callable[[], str], what: str) -> Iterator[None]:
+    """A full disk (or quota) while writing `what` becomes one UserError naming the folder (folder() is asked
+    only then) instead of the writer's traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise UserError(f"no space left to save {what} in {folder()} ({e.strerror}); free space there and run "
+                        "again") from None
 
 
 class RunRecorder:
@@ -107,7 +168,8 @@ class RunRecorder:
         all_tags = dict(tags or {})
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
-        run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=all_tags)
+        run = retry_locked(lambda: client.create_run(experiment_id(client, experiment), run_name=run_name,
+                                                    tags=all_tags))
         self.run_id: str = run.info.run_id
         self.experiment_id: str = run.info.experiment_id
         self.final_status: str | None = None  # set to override the status chosen on exit
@@ -119,7 +181,7 @@ class RunRecorder:
         run = client.get_run(run_id)
         rec.client, rec.run_id, rec.experiment_id = client, run_id, run.info.experiment_id
         rec.final_status, rec.finished_on = None, ()
-        client.update_run(run_id, status="RUNNING")
+        retry_locked(client.update_run, run_id, status="RUNNING")
         return rec
 
     def __enter__(self) -> "RunRecorder":
@@ -136,42 +198,50 @@ class RunRecorder:
             status = "FAILED"
         if exc is not None:
             self.set_tags({"end_reason": f"{type(exc).__name__}: {exc}"[:5000]})
-        self.client.set_terminated(self.run_id, status=status)
+        retry_locked(self.client.set_terminated, self.run_id, status=status)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            retry_locked(self.client.log_batch, self.run_id, params=items[i:i + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         ts = _now_ms()
         finite = [Metric(k, float(v), ts, step) for k, v in metrics.items() if math.isfinite(float(v))]
-        self.client.log_batch(self.run_id, metrics=finite)
+        retry_locked(self.client.log_batch, self.run_id, metrics=finite)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        retry_locked(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def artifact_location(self) -> str:
+        return self.client.get_run(self.run_id).info.artifact_uri
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        with disk_space(self.artifact_location, artifact_file):
+            retry_locked(self.client.log_text, self.run_id, text, artifact_file)
 
     def log_figure(self, figure, artifact_file: str) -> None:
-        self.client.log_figure(self.run_id, figure, artifact_file)
+        with disk_space(self.artifact_location, artifact_file):
+            retry_locked(self.client.log_figure, self.run_id, figure, artifact_file)
 
     def log_model_weights(self, model: torch.nn.Module, cfg: ModelConfig) -> None:
         """state_dict + the ModelConfig that rebuilds it; `load_model` reads them back."""
-        with tempfile.TemporaryDirectory() as tmp:
+        state = getattr(model, "_orig_mod", model).state_dict()  # unwrap torch.compile
+        weights = io.BytesIO()  # a file torch writes itself fails with a RuntimeError that hides the errno
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, weights)
+        with disk_space(tempfile.gettempdir, "the model weights"), tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "model"
             folder.mkdir()
-            state = getattr(model, "_orig_mod", model).state_dict()  # unwrap torch.compile
-            torch.save({k: v.detach().cpu() for k, v in state.items()}, folder / "weights.pt")
+            (folder / "weights.pt").write_bytes(weights.getbuffer())
             (folder / "model_config.json").write_text(json.dumps(cfg.__dict__, indent=2))
-            self.client.log_artifacts(self.run_id, str(folder), "model")
+            with disk_space(self.artifact_location, "the model weights"):
+                retry_locked(self.client.log_artifacts, self.run_id, str(folder), "model")
 
 
 def load_model(client, run_id: str) -> torch.nn.Module:

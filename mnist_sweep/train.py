@@ -61,9 +61,10 @@ class TrainerConfig:
                               f"{', '.join(PRECISIONS)}")
         if self.threads < 0:
             raise ConfigError(f"trainer.threads={self.threads} must be >= 0 (0 = torch's default)")
-        if self.device.split(":")[0] not in DEVICES:
+        name, colon, index = self.device.partition(":")
+        if name not in DEVICES or (colon and not (name == "cuda" and index.isdigit())):
             raise ConfigError(f"trainer.device={self.device!r} is not a device; allowed: auto, cpu, cuda, "
-                              "cuda:N, mps")
+                              "cuda:N (N = 0, 1, ...), mps")
 
 
 @dataclass(frozen=True)

@@ -131,8 +131,66 @@ def test_a_file_with_a_wrong_magic_number_is_a_clear_error(tmp_path):
     root = make_synthetic_mnist(tmp_path / "data", n_train=50, n_test=20)
     path = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
     path.write_bytes(b"\x12\x34\x56\x78" + path.read_bytes()[4:])  # not an IDX file: random bytes, say
-    with pytest.raises(DataError, match="MNIST files under .* could not be"):
+    with pytest.raises(DataError) as err:
         load_mnist(str(root), download=False)
+    assert str(err.value).startswith(f"MNIST file {path} has magic number 0x12345678, expected 0x00000803 (an IDX "
+                                     "file of unsigned bytes with 3 dimensions): it is not an MNIST images file.")
+
+
+def test_a_gzipped_file_is_told_to_be_gunzipped(tmp_path):
+    import gzip
+
+    root = make_synthetic_mnist(tmp_path / "data", n_train=50, n_test=20)
+    path = root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    path.write_bytes(gzip.compress(path.read_bytes()))  # the .gz from the mirror, renamed but not unpacked
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte has magic number 0x1f8b.*expected 0x00000801 "
+                                        r"\(an IDX file of unsigned bytes with 1 dimension\).* gunzip it"):
+        load_mnist(str(root), download=False)
+
+
+def test_a_label_outside_0_to_9_is_named_with_its_file(tmp_path):
+    """A stray 200 in a labels file stopped training midway with "IndexError: Target 200 is out of bounds"."""
+    root = make_synthetic_mnist(tmp_path / "data", n_train=50, n_test=20)
+    labels = np.arange(50) % 10
+    labels[[17, 30]] = 200
+    write_idx(root / "MNIST" / "raw" / "train-labels-idx1-ubyte", labels)
+    with pytest.raises(DataError) as err:
+        load_mnist(str(root), download=False)
+    assert str(err.value) == (f"MNIST labels file {root / 'MNIST' / 'raw' / 'train-labels-idx1-ubyte'} holds label "
+                              "200 at position 17 (2 label(s) out of range); allowed: 0..9. Replace it with the "
+                              "official file.")
+
+
+def test_a_mirror_that_never_answers_times_out(tmp_path, monkeypatch):
+    """A server that accepts the connection and then says nothing: the download ends in DOWNLOAD_TIMEOUT_S."""
+    import re
+    import socket
+    import threading
+
+    from torchvision.datasets import MNIST
+
+    server = socket.create_server(("127.0.0.1", 0))
+    held = []
+    threading.Thread(target=lambda: held.extend(server.accept() for _ in range(2)), daemon=True).start()
+    monkeypatch.setattr(MNIST, "mirrors", [f"http://127.0.0.1:{server.getsockname()[1]}/"])
+    monkeypatch.setattr(data, "DOWNLOAD_TIMEOUT_S", 0.5)
+    outcome = []
+
+    def download():
+        try:
+            load_mnist(str(tmp_path / "empty"), download=True)
+        except Exception as e:
+            outcome.append(e)
+
+    worker = threading.Thread(target=download, daemon=True)  # a regression hangs it, not the test session
+    worker.start()
+    worker.join(timeout=10)
+    server.close()
+    assert not worker.is_alive(), "the download still hangs after 10 s"
+    assert isinstance(outcome[0], DataError)
+    assert re.search(r"MNIST not found: .* \(download failed: .*timed out.*data\.root", str(outcome[0]))
+    assert held  # the mirror was reached and kept silent: it was the timeout that ended the download
+    assert socket.getdefaulttimeout() is None  # the process-wide timeout is restored
 
 
 def test_a_missing_labels_file_is_named(tmp_path):

@@ -1,12 +1,15 @@
 """predict's preprocessing (unit), and the predict CLI on the recorded study's registered model (end to end)."""
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import run_cli, synthetic_digits
 from mnist_sweep.errors import UserError
-from mnist_sweep.predict import read_gray, to_mnist
+from mnist_sweep.predict import MAX_PIXELS, WORK_SIDE, read_gray, to_mnist
 
 
 def stroke_image(height=90, width=140, top=10, left=70, h=60, w=20) -> np.ndarray:
@@ -65,6 +68,46 @@ def test_transparent_png_is_read_over_white(tmp_path):
     Image.fromarray(rgba).save(tmp_path / "ink.png")
     gray = read_gray(tmp_path / "ink.png")
     assert gray[0, 0] == 255 and gray[20, 20] == 0
+
+
+def black_png(path, width: int, height: int) -> None:
+    """A valid 8-bit grayscale PNG of black pixels, compressed a row at a time: a few MB on disk and in memory
+    whatever its size (PIL would build the whole image first)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    z = zlib.compressobj(1)
+    row = bytes(width + 1)  # filter type 0, then the row's black pixels
+    pixels = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8 bits, grayscale, no interlace
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("width, height, size", [
+    (7000, 7000, "7000x7000 pixels"),  # over MAX_PIXELS: it took seconds and gigabytes to decode
+    (13400, 13400, "more than 178,956,970 pixels"),  # Pillow's own limit: DecompressionBombError
+], ids=["over-MAX_PIXELS", "over-Pillow-limit"])
+def test_an_image_too_large_to_read_is_refused_before_decoding(tmp_path, width, height, size):
+    black_png(tmp_path / "huge.png", width, height)
+    with pytest.raises(UserError) as err:
+        read_gray(tmp_path / "huge.png")
+    assert str(err.value) == (f"{tmp_path / 'huge.png'}: the image is too large to read ({size}); allowed: at most "
+                              f"{MAX_PIXELS:,} pixels, e.g. 8000x5000 (a JPEG may be larger: it is decoded at down "
+                              "to 1/8 scale). Scale it down first")
+
+
+def test_a_large_photo_is_shrunk_on_load_and_turned_upright(tmp_path):
+    """A 6000x4000 JPEG, as a phone takes it (EXIF orientation 6: rotate to portrait), of a bright bar."""
+    gray = np.zeros((4000, 6000), dtype=np.uint8)
+    gray[1000:3000, 2900:3300] = 230  # tall in the stored landscape image: wide once upright
+    photo = Image.fromarray(gray)
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    photo.save(tmp_path / "photo.jpg", exif=exif, quality=90)
+    out = read_gray(tmp_path / "photo.jpg")
+    assert out.shape == (WORK_SIDE, round(WORK_SIDE * 4000 / 6000))  # portrait, longer side WORK_SIDE
+    rows, cols = np.nonzero(out > 128)
+    assert cols.max() - cols.min() > 3 * (rows.max() - rows.min())  # the bar lies across once upright
 
 
 @pytest.mark.slow

@@ -1,0 +1,115 @@
+"""MLflow records under faults of the place they are written to: a store locked by another process, a full disk."""
+
+import errno
+import resource
+import signal
+import sqlite3
+import tempfile
+import threading
+import time
+
+import pytest
+
+from mnist_sweep import tracking
+from mnist_sweep.errors import UserError
+from mnist_sweep.model import ModelConfig, build_model
+from mnist_sweep.tracking import RunRecorder, retry_locked
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """(client, database file) of one SQLite MLflow store for the module: opening a new one takes seconds."""
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    return tracking.make_client(f"sqlite:///{db}"), db
+
+
+def locked_error():
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException("(sqlite3.OperationalError) database is locked")  # what MLflow raises after 20 s
+
+
+def test_a_write_is_retried_while_the_store_is_locked():
+    calls = []
+
+    def write(value):
+        calls.append(value)
+        if len(calls) < 3:
+            raise locked_error()
+        return value
+
+    assert retry_locked(write, 7) == 7 and calls == [7, 7, 7]
+
+
+def test_a_lock_held_past_the_wait_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(tracking, "LOCK_WAIT_S", 0.5)
+
+    def write():
+        raise locked_error()
+
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"MLflow tracking store \(mlflow\.tracking_uri\) stayed locked by another "
+                                        r"process for 0\.5 s \(database is locked\)"):
+        retry_locked(write)
+    assert time.monotonic() - start < 2
+
+
+def test_other_errors_are_not_retried():
+    calls = []
+
+    def write():
+        calls.append(1)
+        raise ValueError("no such run")
+
+    with pytest.raises(ValueError):
+        retry_locked(write)
+    assert calls == [1]
+
+
+def test_a_locked_store_is_waited_for(store):
+    """Another process holds an exclusive lock on mlflow.db for 3 s: the run's writes wait, then succeed."""
+    client, db = store
+    with RunRecorder(client, "locked") as rec:
+        holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+        holder.execute("BEGIN EXCLUSIVE")
+        threading.Timer(3, lambda: (holder.execute("COMMIT"), holder.close())).start()
+        start = time.monotonic()
+        rec.log_params({"a": 1})
+        rec.log_metrics({"val/acc": 0.5}, step=1)
+        waited = time.monotonic() - start
+    run = client.get_run(rec.run_id)
+    assert waited > 2.5  # it was locked out, and waited rather than failed
+    assert run.info.status == "FINISHED" and run.data.metrics["val/acc"] == 0.5 and run.data.params["a"] == "1"
+
+
+def test_a_full_disk_while_saving_weights_fails_the_run_with_one_reason(store):
+    """The file-size limit makes the OS refuse the weights file (EFBIG), as a full disk refuses it (ENOSPC)."""
+    client, _ = store
+    cfg = ModelConfig()  # 1.2M parameters: about 4.8 MB of weights
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    with pytest.raises(UserError) as err, RunRecorder(client, "disk") as rec:
+        previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the signal kills the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, hard))
+        try:
+            rec.log_model_weights(build_model(cfg), cfg)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, previous)
+    assert str(err.value).startswith(f"no space left to save the model weights in {tempfile.gettempdir()} (File "
+                                     "too large)")
+    run = client.get_run(rec.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["end_reason"] == f"UserError: {err.value}"
+
+
+def test_a_full_artifact_store_names_it(store, monkeypatch):
+    client, _ = store
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(client, "log_artifacts", full)
+    with pytest.raises(UserError) as err, RunRecorder(client, "disk") as rec:
+        rec.log_model_weights(build_model(ModelConfig(fc_width=8)), ModelConfig(fc_width=8))
+    artifacts = client.get_run(rec.run_id).info.artifact_uri
+    assert str(err.value) == (f"no space left to save the model weights in {artifacts} (No space left on device); "
+                              "free space there and run again")
