@@ -118,6 +118,9 @@ class MnistOptunaSweeper(Sweeper):
     # -- the study ----------------------------------------------------------------------------------------------
 
     def _sweep(self, arguments: list[str]) -> None:
+        experiment = self.config.mlflow.experiment
+        if not isinstance(experiment, str) or not experiment.strip():  # checked before the parent run is made
+            raise ConfigError(f"mlflow.experiment={experiment!r} must be a non-empty name")
         distributions, fixed_args = self._search_space(arguments)
         metrics = self._metrics()
         directions = self._directions(metrics)
@@ -257,7 +260,7 @@ class MnistOptunaSweeper(Sweeper):
             status = "KILLED"
             raise
         finally:
-            self.client.set_terminated(parent.run_id, status=status)
+            tracking.retry_locked(self.client.set_terminated, parent.run_id, status=status)
 
     def _find_or_create_parent_run(self, study: optuna.Study, distributions: dict, directions: list[str]):
         parent_id = study.user_attrs.get(sweep.PARENT_RUN_ATTR)

@@ -60,13 +60,14 @@ def test_a_bad_input_is_one_error_line_and_no_run(tmp_path, mnist_root, override
     assert not (tmp_path / "mlflow.db").exists()  # refused before the MLflow store was opened
 
 
-def test_ctrl_c_marks_the_run_killed(tmp_path, mnist_root):
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"),
+                                             (signal.SIGTERM, 143, "terminated (SIGTERM)")], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_run_is_marked_killed(tmp_path, mnist_root, sig, code, word):
     def training():
         return any(r.info.status == "RUNNING" and "train/loss" in r.data.metrics for r in mlflow_runs(tmp_path)[1])
 
-    code, stderr = signal_cli_when(cli_args(tmp_path, mnist_root, "trainer.epochs=200"), tmp_path, training,
-                                   signal.SIGINT)
-    assert code == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    got, stderr = signal_cli_when(cli_args(tmp_path, mnist_root, "trainer.epochs=200"), tmp_path, training, sig)
+    assert got == code and word in stderr and "Traceback" not in stderr
     _, (run,) = mlflow_runs(tmp_path)
     assert run.info.status == "KILLED"
 

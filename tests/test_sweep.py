@@ -318,7 +318,12 @@ def test_a_job_that_returns_no_number_fails_its_trial_and_the_sweep_goes_on(tmp_
     assert "Traceback" not in result.stderr
 
 
-def test_bad_sweeper_settings_are_one_line(tmp_path, mnist_root):
-    result = run_cli(sweep_args(tmp_path, mnist_root, *SPACE, "hydra.sweeper.n_trials=abc"), cwd=tmp_path)
+@pytest.mark.parametrize("override, message", [
+    ("hydra.sweeper.n_trials=abc", "error: hydra.sweeper.n_trials='abc' must be an integer"),
+    ("mlflow.experiment=''", "error: mlflow.experiment='' must be a non-empty name"),
+])
+def test_bad_sweeper_settings_are_one_line(tmp_path, mnist_root, override, message):
+    result = run_cli(sweep_args(tmp_path, mnist_root, *SPACE, override), cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: hydra.sweeper.n_trials='abc' must be an integer")
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
+    assert [r for r in mlflow_runs(tmp_path)[1]] == []  # no parent run was made
