@@ -42,7 +42,14 @@ def test_every_option_composes_and_builds(group, option):
     assert isinstance(pruner, optuna.pruners.BasePruner)
 
 
-SPACES = sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml"))
+SPACES = sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml") if p.stem != "none")
+
+
+def test_no_search_space_leaves_the_sweeper_settings_to_any_sweeper():
+    """hparams_search=none sets nothing under hydra.sweeper, so the basic sweeper (a plain grid) composes."""
+    assert compose_config("hparams_search=none", hydra=True).hydra.sweeper.params is None
+    basic = compose_config("hparams_search=none", "hydra/sweeper=basic", hydra=True).hydra.sweeper
+    assert basic._target_ == "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
 @pytest.mark.parametrize("space", SPACES)
