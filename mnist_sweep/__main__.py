@@ -186,12 +186,13 @@ def train_and_record(cfg: DictConfig, spec: RunSpec, parent_run_id: str | None =
     for warning in prepared.warnings:
         log.warning(warning)
     client = tracking.make_client(cfg.mlflow.tracking_uri)
-    tags = run_tags(str(prepared.device)) | (extra_tags or {})
+    tags = run_tags(str(prepared.device)) | tracking.source_tags() | (extra_tags or {})
     with tracking.RunRecorder(client, cfg.mlflow.experiment, run_name or cfg.mlflow.run_name, parent_run_id, tags,
                               finished_on) as rec:
         # resolved, so an ${oc.env:...} password is a value here: masked before anything is stored
         rec.log_params({k: mask_secrets(str(v)) for k, v in
                         tracking.flatten(OmegaConf.to_container(cfg, resolve=True)).items()})
+        tracking.log_dataset(client, rec.run_id, spec.data, prepared.splits)
         rec.log_text(mask_secrets(OmegaConf.to_yaml(cfg, resolve=True)), "config.yaml")
         rec.log_metrics({"model/params": prepared.num_params}, step=0)
         if on_start:

@@ -346,3 +346,14 @@ def _classic_splits(cfg: DataConfig, train_idx: Tensor, val_idx: Tensor, device:
 def default_root() -> str:
     """Where MNIST is looked for when data.root is not given: $MNIST_ROOT, else ./data."""
     return os.environ.get("MNIST_ROOT") or "data"
+
+
+def digest(arrays: MnistArrays) -> str:
+    """A content hash of the images and labels, 16 hex digits: tells which MNIST files a run was given."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for tensor in (arrays.train_images, arrays.train_labels, arrays.test_images, arrays.test_labels):
+        h.update(repr((tuple(tensor.shape), str(tensor.dtype))).encode())
+        h.update(tensor.contiguous().numpy().data)
+    return h.hexdigest()[:16]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -109,11 +110,23 @@ def classify(model: torch.nn.Module, digits: Sequence[np.ndarray], mean: float, 
         return model(x).softmax(1)
 
 
-def default_run_id(client, model_name: str, storage: str) -> tuple[str, str]:
-    """(run id, where it came from): the registered model's latest version, else the latest study's best trial."""
+@dataclass(frozen=True)
+class LoadedModel:
+    net: torch.nn.Module
+    mean: float  # the input normalization the net was trained with
+    std: float
+    source: str  # what was loaded, as shown to the user: models:/<name>/<version>, or the run it came from
+
+
+def load_model(client, run_id: str | None, model_name: str | None, storage: str) -> LoadedModel:
+    """The model --run-id names (its run's weights), else the registered model's latest version (the logged MLflow
+    model that models:/<name>/<version> names), else the weights of the latest study's best trial."""
+    if run_id:
+        return _run_model(client, run_id, f"run {run_id}")
     version = tracking.latest_model_version(client, model_name) if model_name else None
     if version is not None:
-        return version.run_id, f"models:/{model_name}/{version.version}"
+        return LoadedModel(*tracking.load_registered_model(client, model_name, version.version),
+                           source=f"models:/{model_name}/{version.version}")
     from .report import best_trial, open_existing_study
 
     try:
@@ -124,7 +137,17 @@ def default_run_id(client, model_name: str, storage: str) -> tuple[str, str]:
     best = best_trial(study)
     if best is None or not best.user_attrs.get("mlflow_run_id"):
         raise UserError(f"study {study.study_name!r} has no completed trial with an MLflow run; pass --run-id")
-    return best.user_attrs["mlflow_run_id"], f"best trial #{best.number} of study {study.study_name}"
+    return _run_model(client, best.user_attrs["mlflow_run_id"],
+                      f"best trial #{best.number} of study {study.study_name}")
+
+
+def _run_model(client, run_id: str, source: str) -> LoadedModel:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return LoadedModel(tracking.load_model(client, run_id), *tracking.normalization(client, run_id), source)
+    except (MlflowException, OSError, KeyError) as e:
+        raise UserError(f"MLflow run {run_id!r} has no loadable model ({str(e).splitlines()[0]})") from None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -140,36 +163,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    tracking.quiet_artifact_progress()
     from rich.console import Console
     from rich.table import Table
 
     try:
         digits = [load_digit(p) for p in args.images]
-        client = tracking.make_client(args.tracking_uri)
-        run_id, source = (args.run_id, f"run {args.run_id}") if args.run_id else \
-            default_run_id(client, args.model, args.storage)
-        model = _load(client, run_id)
-        mean, std = tracking.normalization(client, run_id)
+        loaded = load_model(tracking.existing_client(args.tracking_uri), args.run_id, args.model, args.storage)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    probs = classify(model, digits, mean, std)
-    table = Table(title=f"model: {source}", title_justify="left")
+    probs = classify(loaded.net, digits, loaded.mean, loaded.std)
+    table = Table(title=f"model: {loaded.source}", title_justify="left")
     for name in ["image", "digit", *map(str, range(10))]:
         table.add_column(name, justify="left" if name == "image" else "right")
     for path, p in zip(args.images, probs):
         table.add_row(str(path), f"[bold]{p.argmax().item()}[/bold]", *[f"{v:.3f}" for v in p.tolist()])
     (Console() if sys.stdout.isatty() else Console(width=200)).print(table)
     return 0
-
-
-def _load(client, run_id: str) -> torch.nn.Module:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return tracking.load_model(client, run_id)
-    except MlflowException as e:
-        raise UserError(f"MLflow run {run_id!r} has no loadable model ({str(e).splitlines()[0]})") from None
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import sweep, tracking
 from .data import default_root, load_mnist, normalize
-from .errors import UserError
+from .errors import ConfigError, UserError
 from .locks import sqlite_file
 from .train import confusion_matrix
 
@@ -97,17 +97,73 @@ def study_figures(study: optuna.Study, metrics: Sequence[str]) -> dict[str, Any]
     """Optuna's plots of the study: those the sweep logs, plus parallel coordinates and the per-epoch curves."""
     from functools import partial
 
+    import matplotlib
     from optuna.visualization import matplotlib as ovm
 
-    figures = sweep.history_figures(study)
-    extra: dict[str, Any] = {"intermediate_values.png": ovm.plot_intermediate_values}
-    if len(study.directions) == 1:
-        extra["parallel_coordinate.png"] = partial(ovm.plot_parallel_coordinate, target_name=metrics[0])
-    else:  # Optuna needs one target: the first objective
-        extra["parallel_coordinate.png"] = partial(ovm.plot_parallel_coordinate, target=lambda t: t.values[0],
-                                                   target_name=metrics[0])
-    figures.update(sweep.optuna_figures(study, extra, size=(10, 5)))
+    # Optuna's plots switch the whole process to ggplot style: keep it to them (a grid through the confusion matrix)
+    with matplotlib.rc_context():
+        figures = sweep.history_figures(study)
+        extra: dict[str, Any] = {"intermediate_values.png": ovm.plot_intermediate_values}
+        if len(study.directions) == 1:
+            extra["parallel_coordinate.png"] = partial(ovm.plot_parallel_coordinate, target_name=metrics[0])
+        else:  # Optuna needs one target: the first objective
+            extra["parallel_coordinate.png"] = partial(ovm.plot_parallel_coordinate, target=lambda t: t.values[0],
+                                                       target_name=metrics[0])
+        figures.update(sweep.optuna_figures(study, extra, size=(10, 5)))
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return tidy_figures(figures, metrics[0], len(completed), sorted({p for t in completed for p in t.params}))
+
+
+FEW_TRIALS = 10  # below this many completed trials, parameter importances are mostly noise
+
+
+def tidy_figures(figures: dict[str, Any], metric: str, completed: int, params: Sequence[str] = ()) -> dict[str, Any]:
+    """Fix what Optuna's plots get wrong for a study: trials and epochs are whole numbers, the objective has its
+    metric's name, the parallel coordinates' labels are whole and fit, and importances from few trials carry a
+    caveat. `params`: the study's parameter names, which Optuna shortens."""
+    from matplotlib.ticker import MaxNLocator
+
+    for name, xlabel in (("optimization_history.png", "trial"), ("intermediate_values.png", "epoch")):
+        if name in figures:
+            ax = figures[name].axes[0]
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set(xlabel=xlabel, ylabel=metric)
+    for fig in figures.values():
+        legend = fig.axes[0].get_legend() if fig.axes else None
+        for text in legend.get_texts() if legend else ():
+            if text.get_text() == "Objective Value":
+                text.set_text(metric)
+    if "param_importances.png" in figures and completed < FEW_TRIALS:
+        fig = figures["param_importances.png"]
+        fig.text(0.01, 0.01, f"Caveat: from only {completed} completed trials; with fewer than {FEW_TRIALS} these "
+                 "importances are mostly noise.", color="#a00000", fontsize=11, va="bottom")
+        fig.subplots_adjust(bottom=fig.subplotpars.bottom + 0.06)
+    if "parallel_coordinate.png" in figures:
+        _tidy_parallel_coordinates(figures["parallel_coordinate.png"], params)
     return figures
+
+
+def _tidy_parallel_coordinates(fig, params: Sequence[str]) -> None:
+    """Whole labels (Optuna cuts names at 17 characters), horizontal and staggered (rotated ones ran off the
+    figure); no near-white lines: the worst trials were drawn invisible on the plot's background."""
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+
+    ax = fig.axes[0]
+    labels = ax.get_xticklabels()
+    for i, label in enumerate(labels):
+        text = label.get_text()
+        whole = [p for p in params if text.endswith("...") and p.startswith(text[:-3])]
+        label.set(text=whole[0] if len(whole) == 1 else text, rotation=0, ha="center")
+        if i % 2:
+            label.set_y(-0.07)  # every other label one line lower: long neighbours don't overlap
+    ax.set_xticks(ax.get_xticks(), labels)
+    for lines in ax.collections:
+        cmap = lines.get_cmap()
+        light_end_first = sum(cmap(0.0)[:3]) > sum(cmap(1.0)[:3])
+        lines.set_cmap(ListedColormap(cmap(np.linspace(0.3, 1.0, 256) if light_end_first
+                                           else np.linspace(0.0, 0.7, 256))))
+    fig.tight_layout()
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
@@ -144,7 +200,7 @@ def model_figures(probs: torch.Tensor, labels: torch.Tensor, images: torch.Tenso
     if shown:
         cols = min(8, len(shown))
         rows = -(-len(shown) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.55 * rows), dpi=80, squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.8 * rows + 0.3), dpi=100, squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
         for ax, i in zip(axes.flat, shown):
@@ -185,7 +241,7 @@ def html_report(title: str, facts: dict[str, str], rows: Sequence[Row], metrics:
     """One self-contained page: facts, the leaderboard and the figures (embedded PNGs)."""
     e = html.escape
     params = sorted({p for r in rows for p in r.params})
-    head = "".join(f"<th>{e(h)}</th>" for h in ["#", "state", *metrics, "epochs run", "seconds", *params])
+    head = "".join(f"<th>{_breakable(h)}</th>" for h in ["#", "state", *metrics, "epochs run", "seconds", *params])
     body = []
     for r in rows:
         body.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in _cells(r, len(metrics), params)) + "</tr>")
@@ -201,9 +257,23 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}} th{{background:#
 figure{{margin:2em 0}} img{{max-width:100%}} figcaption{{color:#555}}</style></head>
 <body><h1>{e(title)}</h1><table>{fact_rows}</table>
 <h2>Leaderboard</h2><p>(value): the last per-epoch value of a trial that did not complete.</p>
-<table><tr>{head}</tr>{"".join(body)}</table>
+<div style="overflow-x:auto"><table><tr>{head}</tr>{"".join(body)}</table></div>
 {figures}</body></html>
 """
+
+
+def check_study_name(name: str, key: str = "--study") -> str:
+    """`name` if it can name a study: it becomes a folder under outputs/reports/, so no path separators, no '.'
+    or '..', not empty. Otherwise a ConfigError naming `key`."""
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise ConfigError(f"{key}={name!r} is not a study name: it names a folder under outputs/reports/, so it "
+                          "must be non-empty, without '/' or '\\', and not '.' or '..'")
+    return name
+
+
+def _breakable(name: str) -> str:
+    """HTML of a parameter name that may wrap after '.' and '_' (a wide leaderboard stays on the page)."""
+    return html.escape(name).replace(".", ".<wbr>").replace("_", "_<wbr>")
 
 
 def latest_study(storage) -> str:
@@ -235,19 +305,39 @@ def open_existing_study(storage_url: str, name: str | None) -> optuna.Study:
 
 def evaluate_run_model(client, run_id: str, data_root: str) -> tuple[dict[str, float], dict[str, Any]]:
     """The run's model on the MNIST test split: scores and the model figures."""
-    model = tracking.load_model(client, run_id)
-    mean, std = tracking.normalization(client, run_id)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = tracking.load_model(client, run_id)
+        mean, std = tracking.normalization(client, run_id)
+    except (MlflowException, OSError, KeyError) as e:
+        raise UserError(f"the best trial's model (MLflow run {run_id}) could not be loaded from "
+                        f"{client.tracking_uri}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}; "
+                        "pass --no-model to report without it") from None
     arrays = load_mnist(data_root, download=False)
     probs = predict_batches(model, normalize(arrays.test_images, mean, std, torch.device("cpu")))
     scores, figures = model_figures(probs, arrays.test_labels, arrays.test_images)
     return scores | {"test/n": float(len(probs))}, figures
 
 
+def parent_run(client, run_id: str, study_name: str):
+    """The study's MLflow parent run; a UserError when the tracking store does not hold it (another store, or the
+    sweep's store was deleted and made anew)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"study {study_name!r} was recorded in an MLflow store that --tracking-uri "
+                        f"{client.tracking_uri} is not: its parent run {run_id} is not there; pass --tracking-uri "
+                        "with the sweep's mlflow.tracking_uri") from None
+
+
 def write_report(study: optuna.Study, client, out: Path, data_root: str | None, top: int = 15):
     """Build everything, write the PNGs and report.html under `out`, log them to the parent run.
     Returns (leaderboard rows, metric names, facts, paths of the written files)."""
     parent_id = study.user_attrs.get(sweep.PARENT_RUN_ATTR)
-    parent = client.get_run(parent_id) if parent_id else None
+    parent = parent_run(client, parent_id, study.study_name) if parent_id else None
     metrics = [m for m in (parent.data.params.get("optimized_metric", "") if parent else "").split(",") if m]
     if len(metrics) != len(study.directions):
         metrics = [f"objective {i}" for i in range(len(study.directions))]
@@ -298,15 +388,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    tracking.quiet_artifact_progress()
     from rich.console import Console
 
     console = Console() if sys.stdout.isatty() else Console(width=200)  # piped: the table is not cut at 80
     try:
+        if args.study is not None:
+            check_study_name(args.study)
         study = open_existing_study(args.storage, args.study)
-        out = Path(args.out or Path("outputs") / "reports" / study.study_name)
+        out = Path(args.out) if args.out else Path("outputs") / "reports" / check_study_name(study.study_name)
         data_root = None if args.no_model else (args.data_root or default_root())
-        rows, metrics, facts, written = write_report(study, tracking.make_client(args.tracking_uri), out,
-                                                     data_root, args.top)
+        client = tracking.existing_client(args.tracking_uri)
+        rows, metrics, facts, written = write_report(study, client, out, data_root, args.top)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

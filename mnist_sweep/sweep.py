@@ -380,14 +380,15 @@ def optuna_figures(study: optuna.Study, plots: dict[str, Any], size: tuple[float
     import matplotlib.pyplot as plt
 
     figures: dict[str, Any] = {}
-    for name, plot in plots.items():
-        try:
-            ax = plot(study)
-            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-            fig.set_size_inches(*size)
-            fig.tight_layout()
-            figures[name] = fig
-            plt.close(fig)
-        except Exception:
-            continue
+    with matplotlib.rc_context():  # Optuna's plots switch the process to ggplot style: keep it to them
+        for name, plot in plots.items():
+            try:
+                ax = plot(study)
+                fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+                fig.set_size_inches(*size)
+                fig.tight_layout()
+                figures[name] = fig
+                plt.close(fig)
+            except Exception:
+                continue
     return figures

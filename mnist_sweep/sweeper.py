@@ -267,7 +267,7 @@ class MnistOptunaSweeper(Sweeper):
         if parent_id is not None:
             return tracking.RunRecorder.resume(self.client, parent_id)
         rec = tracking.RunRecorder(self.client, self.config.mlflow.experiment, run_name=study.study_name,
-                                   tags={"study": study.study_name, "kind": "study"})
+                                   tags={"study": study.study_name, "kind": "study"} | tracking.source_tags())
         rec.log_params({"study": study.study_name, "sampler": type(study.sampler).__name__,
                         "pruner": self.config.pruner._target_, "storage": sweep.shown_url(self.storage_url),
                         "optimized_metric": ",".join(self._metrics()), "directions": ",".join(directions),
@@ -386,7 +386,10 @@ class MnistOptunaSweeper(Sweeper):
         counts = sweep.state_counts(study)
         parent.log_metrics({f"trials/{k.lower()}": v for k, v in counts.items()}, step=sum(counts.values()))
         parent.set_tags({"n_trials": self.n_trials})
-        for file, fig in sweep.history_figures(study).items():
+        from .report import tidy_figures
+
+        completed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        for file, fig in tidy_figures(sweep.history_figures(study), self._metrics()[0], completed).items():
             parent.log_figure(fig, file)
         results = sweep.results_summary(study)
         sweep_dir = Path(self.config.hydra.sweep.dir)

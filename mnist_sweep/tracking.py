@@ -10,25 +10,32 @@ import contextlib
 import errno
 import functools
 import io
+import hashlib
 import json
 import logging
 import math
+import os
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
 
+from .data import DataConfig, Splits, load_mnist
+from .data import digest as data_digest
 from .errors import ConfigError, UserError
 from .locks import file_lock, sqlite_file
 from .model import IMAGE_SIZE, NUM_CLASSES, ModelConfig, build_model
 
 WEIGHTS_FILE = "model/weights.pt"
 MODEL_CONFIG_FILE = "model/model_config.json"
-MLFLOW_MODEL_DIR = "mlflow_model"  # the run's artifact folder holding the MLflow pytorch model (registry source)
+LOGGED_MODEL_NAME = "model"  # the name of the MLflow Logged Model a registration creates from a run
 PARENT_TAG = "mlflow.parentRunId"
+REGISTERED_MODEL_DESCRIPTION = ("The best trial of an mnist_sweep study: logits of the 10 digits for (N, 1, 28, 28) "
+                                "images normalized with the metadata's input_mean and input_std")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -73,6 +80,16 @@ def make_client(tracking_uri: str):
     except Exception as e:
         raise ConfigError(f"MLflow tracking store {tracking_uri!r} (mlflow.tracking_uri) could not be opened: "
                           f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+
+
+def existing_client(tracking_uri: str, option: str = "--tracking-uri"):
+    """make_client for commands that read what a sweep recorded: a missing SQLite store is a UserError (MLflow
+    would create an empty one and then fail on the first run it looks up)."""
+    database = sqlite_file(tracking_uri)
+    if database is not None and not database.is_file():
+        raise UserError(f"{option} {tracking_uri}: no MLflow store there ({database.absolute()} does not exist); "
+                        f"run this where the sweep ran, or pass {option} with the sweep's mlflow.tracking_uri")
+    return make_client(tracking_uri)
 
 
 def check_server(uri: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
@@ -246,7 +263,7 @@ class RunRecorder:
 
 def load_model(client, run_id: str) -> torch.nn.Module:
     """Rebuild a logged model from its run: the inverse of RunRecorder.log_model_weights."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _quiet_transfers():
         cfg_path = client.download_artifacts(run_id, MODEL_CONFIG_FILE, tmp)
         weights_path = client.download_artifacts(run_id, WEIGHTS_FILE, tmp)
         model = build_model(ModelConfig(**json.loads(Path(cfg_path).read_text())))
@@ -261,7 +278,8 @@ def normalization(client, run_id: str) -> tuple[float, float]:
 
 
 def register_model(client, run_id: str, name: str):
-    """Log the run's net as an MLflow pytorch model with a signature and register it as a version of `name`.
+    """Log the run's net as an MLflow pytorch model (a Logged Model of the run) with a signature and register it
+    as a version of `name`; returns the ModelVersion.
 
     Signature: input float32 (N, 1, 28, 28) images normalized as in training, (pixel/255 - mean) / std, with the
     run's data.mean and data.std (also in the model's metadata); output float32 (N, 10) logits, whose softmax is
@@ -269,7 +287,6 @@ def register_model(client, run_id: str, name: str):
     """
     import mlflow.pytorch
     import numpy as np
-    from mlflow.exceptions import MlflowException
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
@@ -280,31 +297,138 @@ def register_model(client, run_id: str, name: str):
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, IMAGE_SIZE, IMAGE_SIZE))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]))
-    with tempfile.TemporaryDirectory() as tmp:
-        # pt2: torch.export's traced graph loads without our code and without unpickling; the example's batch of
-        # 2 keeps the batch dimension dynamic. Explicit requirements: MLflow would otherwise infer them by
-        # loading the model in a subprocess (slow).
-        blank = torch.full((2, 1, IMAGE_SIZE, IMAGE_SIZE), -mean / std)
-        mlflow.pytorch.save_model(load_model(client, run_id), f"{tmp}/{MLFLOW_MODEL_DIR}", signature=signature,
-                                  input_example=blank.numpy(), serialization_format="pt2",
-                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                                  metadata={"input_mean": mean, "input_std": std, "output": "logits"})
-        client.log_artifacts(run_id, f"{tmp}/{MLFLOW_MODEL_DIR}", MLFLOW_MODEL_DIR)
+    net = load_model(client, run_id)
+    # pt2: torch.export's traced graph loads without our code and without unpickling; the example's batch of 2
+    # keeps the batch dimension dynamic. Explicit requirements: MLflow would otherwise infer them by loading the
+    # model in a subprocess (slow).
+    blank = torch.full((2, 1, IMAGE_SIZE, IMAGE_SIZE), -mean / std)
+    # Made here, not by log_model, which would put it in the process's active experiment (Default), not the run's
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(run.info.experiment_id, name=LOGGED_MODEL_NAME, source_run_id=run_id,
+                                        params=run.data.params)
+    with _process_tracking_uri(client.tracking_uri), _quiet_transfers():
+        # run_id goes on to mlflow.models.Model.log, which documents it: the model is logged into the finished run
+        # without reopening it (mlflow.start_run(run_id=...) would set it RUNNING and rewrite its end time).
+        info = mlflow.pytorch.log_model(net, model_id=logged.model_id, run_id=run_id, registered_model_name=name,
+                                        await_registration_for=0, signature=signature, input_example=blank.numpy(),
+                                        serialization_format="pt2",
+                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                                        metadata={"input_mean": mean, "input_std": std, "output": "logits"},
+                                        step=_last_step(client, run_id, "test/acc"))
+    client.update_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
+    return client.get_model_version(name, str(info.registered_model_version))
+
+
+def load_registered_model(client, name: str, version: str) -> tuple[torch.nn.Module, float, float]:
+    """(net, input mean, input std) of the registered model version models:/<name>/<version>: the logged MLflow
+    model itself, not the weights of its run. Raises UserError when it cannot be loaded."""
+    import mlflow.artifacts
+    import mlflow.pytorch
+    from mlflow.models import Model
+
+    with tempfile.TemporaryDirectory() as tmp, _quiet_transfers():
+        try:
+            # the client finds the version's files: MLflow resolves a models:/ URI in the process-wide registry
+            location = client.get_model_version_download_uri(name, version)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp,
+                                                       tracking_uri=client.tracking_uri)
+            meta = Model.load(local).metadata or {}
+            net = mlflow.pytorch.load_model(local)
+            mean, std = float(meta["input_mean"]), float(meta["input_std"])
+        except Exception as e:  # missing version or files, a truncated file, no metadata: all the same to a user
+            raise UserError(f"models:/{name}/{version} (tracking URI {client.tracking_uri}) could not be loaded: "
+                            f"{_one_line(e)}; register it again (run the sweep) or pass --run-id") from None
+    return net, mean, std
+
+
+def _last_step(client, run_id: str, metric: str) -> int:
+    """The step `metric` was last logged at (0 if never): MLflow links the run's metrics of that step to a model
+    logged at it, so the Logged Model shows the test accuracy."""
+    history = client.get_metric_history(run_id, metric)
+    return max((m.step for m in history), default=0)
+
+
+@contextmanager
+def _process_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's model logging and registration read the process-wide tracking URI (mlflow.set_tracking_uri, which
+    also writes MLFLOW_TRACKING_URI): set it for their call only, then put back what was there."""
+    import mlflow
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    if before == env:
+        before = None  # it came from the environment, restored below
+    mlflow.set_tracking_uri(uri)
     try:
-        client.create_registered_model(name, description="The best trial of an mnist_sweep study: logits of the "
-                                       "10 digits for (N, 1, 28, 28) images normalized with the metadata's "
-                                       "input_mean and input_std")
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    source = f"{client.get_run(run_id).info.artifact_uri}/{MLFLOW_MODEL_DIR}"
-    return client.create_model_version(name, source, run_id=run_id, await_creation_for=0)
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+PROGRESS_BAR_VAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # MLflow's switch for its per-transfer progress bars
+
+
+def quiet_artifact_progress() -> None:
+    """For our own entry points (report, predict): MLflow's 'Downloading artifacts' bars for a few small files are
+    noise there. Only this process is affected; a value the user set is kept."""
+    os.environ.setdefault(PROGRESS_BAR_VAR, "false")
+
+
+@contextmanager
+def _quiet_transfers() -> Iterator[None]:
+    """quiet_artifact_progress for one call, in processes whose entry point is not ours to set (a sweep)."""
+    before = os.environ.get(PROGRESS_BAR_VAR)
+    quiet_artifact_progress()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PROGRESS_BAR_VAR, None)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    return text if len(text) < 300 else text[:297] + "..."
 
 
 def latest_model_version(client, name: str):
     """The newest version of a registered model, or None when there is no such model."""
     versions = client.search_model_versions(f"name = '{name}'")
     return max(versions, key=lambda v: int(v.version), default=None)
+
+
+SOURCE_NAME = "mnist_sweep"  # what the runs table shows under Source: the package's entry point
+DATASET_NAME = "mnist"
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's source tags of a run started by `python -m mnist_sweep` from a local checkout."""
+    return {"mlflow.source.name": SOURCE_NAME, "mlflow.source.type": "LOCAL"}
+
+
+def log_dataset(client, run_id: str, cfg: DataConfig, splits: Splits) -> None:
+    """The run's training data as an MLflow dataset input (the runs table's Dataset column): 'mnist', a digest of
+    the files' contents and of the split, and the split sizes in its profile."""
+    import numpy as np
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.types import Schema, TensorSpec
+
+    sizes = {"train": splits.num_train, "val": splits.num_val, "test": splits.num_test}
+    # the split is part of what a run saw: one digest per (files, split), so the stored profile fits every run
+    # that logs it (MLflow keeps one dataset per name and digest in an experiment)
+    content = data_digest(load_mnist(cfg.root, cfg.download))
+    digest = hashlib.sha256(f"{content} val_size={cfg.val_size} split_seed={cfg.split_seed}".encode())
+    schema = {"mlflow_tensorspec": {
+        "features": Schema([TensorSpec(np.dtype(np.uint8), (-1, IMAGE_SIZE, IMAGE_SIZE), "images")]).to_json(),
+        "targets": Schema([TensorSpec(np.dtype(np.int64), (-1,), "labels")]).to_json()}}
+    dataset = Dataset(name=DATASET_NAME, digest=digest.hexdigest()[:16], source_type="local",
+                      source=json.dumps({"uri": str(Path(cfg.root).expanduser().absolute() / "MNIST" / "raw")}),
+                      schema=json.dumps(schema), profile=json.dumps(sizes | {"files_digest": content}))
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
 
 
 def child_runs(client, parent_run_id: str, status: str | None = None) -> list:
@@ -329,10 +453,11 @@ def confusion_figure(counts: torch.Tensor, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 5), dpi=80)
+    fig, ax = plt.subplots(figsize=(5.5, 5), dpi=100)
     ax.imshow(counts.log1p().numpy(), cmap="Blues")
+    ax.grid(False)  # a style's grid (Optuna's plots leave ggplot's on) would run through the counts
     for t, p in counts.nonzero().tolist():  # zeros stay blank: the mistakes stand out
-        ax.text(p, t, str(counts[t, p].item()), ha="center", va="center", fontsize=7,
+        ax.text(p, t, str(counts[t, p].item()), ha="center", va="center", fontsize=8,
                 color="white" if t == p else "black")
     ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true", title=title)
     fig.subplots_adjust(left=0.1, right=0.97, bottom=0.1, top=0.93)

@@ -1,4 +1,5 @@
-"""A real browser on `mlflow server`: the experiment page lists the study's parent run with its nested trials.
+"""A real browser on `mlflow server`: the experiment page lists the study's parent run with its nested trials and
+the dataset each trained on.
 
 Needs Debian's chromium (.ci/run installs it) and the playwright package; skipped where either is missing."""
 
@@ -48,3 +49,6 @@ def test_experiment_page_lists_the_parent_run_and_its_nested_trials(mlflow_serve
         finally:
             browser.close()
     assert all(name in text for name in children), text[:3000]
+    # the Dataset column names what the trials trained on (tracking.log_dataset), not "-"
+    [digest] = {r.inputs.dataset_inputs[0].dataset.digest for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert f"mnist ({digest})" in text, text[:3000]

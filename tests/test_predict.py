@@ -124,6 +124,7 @@ def test_predict_cli_classifies_images_with_the_registered_model(recorded_study,
     result = run_cli([*map(str, paths), "--tracking-uri", uri], cwd=recorded_study, module="mnist_sweep.predict")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "models:/mnist_sweep_best/1" in result.stdout
+    assert "Downloading artifacts" not in result.stderr  # MLflow's progress bars are off in our commands
     # the digits printed are those of the registered run's net on the same preprocessing
     client = tracking.make_client(uri)
     run_id = tracking.latest_model_version(client, "mnist_sweep_best").run_id
@@ -139,3 +140,43 @@ def test_predict_cli_classifies_images_with_the_registered_model(recorded_study,
                   module="mnist_sweep.predict")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope.jpg'}: no such file"
+
+
+@pytest.mark.slow
+def test_predict_loads_the_registered_mlflow_model_that_it_names(recorded_study):
+    import torch
+
+    from mnist_sweep import predict, tracking
+    from mnist_sweep.model import Net
+
+    client = tracking.make_client(f"sqlite:///{recorded_study / 'mlflow.db'}")
+    loaded = predict.load_model(client, None, "mnist_sweep_best", "sqlite:///unused")
+    assert loaded.source == "models:/mnist_sweep_best/1"
+    assert not isinstance(loaded.net, Net)  # the logged pt2 graph, not the run's weights rebuilt with our code
+    assert (loaded.mean, loaded.std) == (0.1307, 0.3081)  # from the model's metadata
+    net = tracking.load_model(client, tracking.latest_model_version(client, "mnist_sweep_best").run_id)
+    batch = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.net(batch), net(batch))
+
+
+@pytest.mark.slow
+def test_a_registered_version_that_cannot_be_loaded_is_a_clear_error(recorded_study):
+    from mnist_sweep import tracking
+
+    client = tracking.make_client(f"sqlite:///{recorded_study / 'mlflow.db'}")
+    with pytest.raises(UserError, match=r"^models:/mnist_sweep_best/99 \(tracking URI sqlite:///.*\) could not be "
+                                        r"loaded: .+; register it again \(run the sweep\) or pass --run-id$"):
+        tracking.load_registered_model(client, "mnist_sweep_best", "99")
+
+
+def test_predict_on_a_missing_mlflow_store_is_one_line_and_creates_none(tmp_path, monkeypatch, capsys):
+    from mnist_sweep import predict
+
+    Image.fromarray(stroke_image()).save(tmp_path / "one.png")
+    monkeypatch.chdir(tmp_path)
+    assert predict.main(["one.png"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --tracking-uri sqlite:///mlflow.db: no MLflow store there ({tmp_path / 'mlflow.db'} does not exist); "
+        "run this where the sweep ran, or pass --tracking-uri with the sweep's mlflow.tracking_uri"]
+    assert not (tmp_path / "mlflow.db").exists()
