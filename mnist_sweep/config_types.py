@@ -71,6 +71,8 @@ def check_numeric_kwargs(target: Any, kwargs: Mapping[str, Any], section: str) -
             continue
         if value is None and (param.default is None or "None" in annotation):
             continue
+        if isinstance(value, str) and re.search(r"\bstr\b", annotation):  # Hyperband's max_resource='auto'
+            continue
         items = value if isinstance(value, (list, tuple)) else [value]
         if not items or not all(is_number(v) and math.isfinite(v) for v in items):
             raise ConfigError(f"{section}.{name}={shown(value)} must be a number")
