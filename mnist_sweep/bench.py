@@ -219,7 +219,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .__main__ import compose_spec  # Hydra stays in the entry point; this module gets RunSpecs
+    from .config import compose_spec  # Hydra stays at the edge; this module gets RunSpecs
 
     started = time.perf_counter()
     args = parse_args(sys.argv[1:] if argv is None else argv)

@@ -21,7 +21,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from . import sweep, tracking
+from . import results, study as studies, tracking
 from .data import default_root, load_mnist, normalize
 from .errors import ConfigError, UserError
 from .locks import sqlite_file
@@ -102,73 +102,23 @@ def study_figures(study: optuna.Study, metrics: Sequence[str]) -> dict[str, Any]
 
     # Optuna's plots switch the whole process to ggplot style: keep it to them (a grid through the confusion matrix)
     with matplotlib.rc_context():
-        figures = sweep.history_figures(study)
+        figures = results.history_figures(study)
         extra: dict[str, Any] = {"intermediate_values.png": ovm.plot_intermediate_values}
         if len(study.directions) == 1:
             extra["parallel_coordinate.png"] = partial(ovm.plot_parallel_coordinate, target_name=metrics[0])
         else:  # Optuna needs one target: the first objective
             extra["parallel_coordinate.png"] = partial(ovm.plot_parallel_coordinate, target=lambda t: t.values[0],
                                                        target_name=metrics[0])
-        figures.update(sweep.optuna_figures(study, extra, size=(10, 5)))
+        figures.update(results.optuna_figures(study, extra, size=(10, 5)))
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return tidy_figures(figures, metrics[0], len(completed), sorted({p for t in completed for p in t.params}))
+    return results.tidy_figures(figures, metrics[0], len(completed), sorted({p for t in completed for p in t.params}))
 
 
-FEW_TRIALS = 10  # below this many completed trials, parameter importances are mostly noise
-
-
-def tidy_figures(figures: dict[str, Any], metric: str, completed: int, params: Sequence[str] = ()) -> dict[str, Any]:
-    """Fix what Optuna's plots get wrong for a study: trials and epochs are whole numbers, the objective has its
-    metric's name, the parallel coordinates' labels are whole and fit, and importances from few trials carry a
-    caveat. `params`: the study's parameter names, which Optuna shortens."""
-    from matplotlib.ticker import MaxNLocator
-
-    for name, xlabel in (("optimization_history.png", "trial"), ("intermediate_values.png", "epoch")):
-        if name in figures:
-            ax = figures[name].axes[0]
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set(xlabel=xlabel, ylabel=metric)
-    for fig in figures.values():
-        legend = fig.axes[0].get_legend() if fig.axes else None
-        for text in legend.get_texts() if legend else ():
-            if text.get_text() == "Objective Value":
-                text.set_text(metric)
-    if "param_importances.png" in figures and completed < FEW_TRIALS:
-        fig = figures["param_importances.png"]
-        fig.text(0.01, 0.01, f"Caveat: from only {completed} completed trials; with fewer than {FEW_TRIALS} these "
-                 "importances are mostly noise.", color="#a00000", fontsize=11, va="bottom")
-        fig.subplots_adjust(bottom=fig.subplotpars.bottom + 0.06)
-    if "parallel_coordinate.png" in figures:
-        _tidy_parallel_coordinates(figures["parallel_coordinate.png"], params)
-    return figures
-
-
-def _tidy_parallel_coordinates(fig, params: Sequence[str]) -> None:
-    """Whole labels (Optuna cuts names at 17 characters), horizontal and staggered (rotated ones ran off the
-    figure); no near-white lines: the worst trials were drawn invisible on the plot's background."""
-    import numpy as np
-    from matplotlib.colors import ListedColormap
-
-    ax = fig.axes[0]
-    labels = ax.get_xticklabels()
-    for i, label in enumerate(labels):
-        text = label.get_text()
-        whole = [p for p in params if text.endswith("...") and p.startswith(text[:-3])]
-        label.set(text=whole[0] if len(whole) == 1 else text, rotation=0, ha="center")
-        if i % 2:
-            label.set_y(-0.07)  # every other label one line lower: long neighbours don't overlap
-    ax.set_xticks(ax.get_xticks(), labels)
-    for lines in ax.collections:
-        cmap = lines.get_cmap()
-        light_end_first = sum(cmap(0.0)[:3]) > sum(cmap(1.0)[:3])
-        lines.set_cmap(ListedColormap(cmap(np.linspace(0.3, 1.0, 256) if light_end_first
-                                           else np.linspace(0.0, 0.7, 256))))
-    fig.tight_layout()
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
     """The best trial, or for several objectives the Pareto-optimal one best in the first."""
-    best = sweep.best_trials(study)
+    best = results.best_trials(study)
     if not best:
         return None
     maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
@@ -294,7 +244,7 @@ def open_existing_study(storage_url: str, name: str | None) -> optuna.Study:
     if database is not None and not database.is_file():
         raise UserError(f"--storage {storage_url}: no such SQLite file (run a sweep here first, or point "
                         "--storage at its outputs/optuna.db)")
-    storage = sweep.make_storage(storage_url)
+    storage = studies.make_storage(storage_url)
     name = name or latest_study(storage)
     try:
         return optuna.load_study(study_name=name, storage=storage)
@@ -336,13 +286,13 @@ def parent_run(client, run_id: str, study_name: str):
 def write_report(study: optuna.Study, client, out: Path, data_root: str | None, top: int = 15):
     """Build everything, write the PNGs and report.html under `out`, log them to the parent run.
     Returns (leaderboard rows, metric names, facts, paths of the written files)."""
-    parent_id = study.user_attrs.get(sweep.PARENT_RUN_ATTR)
+    parent_id = study.user_attrs.get(studies.PARENT_RUN_ATTR)
     parent = parent_run(client, parent_id, study.study_name) if parent_id else None
     metrics = [m for m in (parent.data.params.get("optimized_metric", "") if parent else "").split(",") if m]
     if len(metrics) != len(study.directions):
         metrics = [f"objective {i}" for i in range(len(study.directions))]
     rows = leaderboard(study, top)
-    counts = {k: v for k, v in sweep.state_counts(study).items() if v}
+    counts = {k: v for k, v in studies.state_counts(study).items() if v}
     facts = {"study": study.study_name, "directions": ", ".join(d.name.lower() for d in study.directions),
              "trials": ", ".join(f"{k} {v}" for k, v in counts.items())}
     if parent_id:

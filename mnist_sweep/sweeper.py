@@ -1,24 +1,26 @@
-"""The Hydra sweeper plugin (`hydra/sweeper: mnist_optuna`): the hydra-optuna-sweeper plugin's search-space
-grammar and samplers, plus what that plugin lacks.
+"""`hydra/sweeper=optuna_pruning`: the hydra-optuna-sweeper plugin's search-space grammar and samplers, for any
+Hydra app, plus what that plugin lacks. It reads only its own settings (`hydra.sweeper.*`) and knows nothing of
+the app it sweeps.
 
-- Pruning: each trial's job finds its trial through environment variables (`sweep.TrialRef`), reports every
-  epoch to the study, and stops when the pruner says so; the trial ends PRUNED, not FAIL.
-- Resume: `n_trials` is the study's total budget. Re-running the same command continues the same study; trials
-  left RUNNING by a dead process are failed via heartbeats and re-queued once, and so is an interrupted trial.
-- Workers: the same command on many machines shares one study (PostgreSQL storage) and its budget exactly; a
-  worker leaves once the budget is spent and no trial is running, so it picks up the trials of a dead worker.
-- Failures: a diverging trial, or a job that returns no number, is FAIL with its reason and the sweep goes on;
-  a config error stops the sweep at the first trial with the single-run message; `max_failure_rate` is the
-  share of failed trials in the study.
-- Records: one MLflow parent run per study (reused on resume) with a child run per trial; at the end the best
-  value and params, plots and counts go to the parent, and the best trial is written as an experiment config.
+    python my_app.py --multirun hydra/sweeper=optuna_pruning 'x=interval(-5,5)' hydra.sweeper.n_trials=30
 
-This module and `__main__` are the only ones that touch Hydra; the study logic is in `mnist_sweep.sweep`.
+- Pruning: a job calls `mnist_sweep.study.current_trial().report(value, step)` per epoch; the pruner
+  (`hydra/sweeper/pruner=median|hyperband|successive_halving|none`) stops it by raising optuna.TrialPruned.
+  The trial's identity reaches the job through environment variables, so basic, joblib and SLURM jobs all prune.
+- Resume (`total_budget: true`): `n_trials` is the study's total; the same command continues the same study, and
+  trials of dead or interrupted processes are failed and re-run once (`heartbeat_interval`).
+- Workers: the same command on many machines shares one study and its budget exactly (claims under a lock).
+- MLflow (`mlflow.tracking_uri`): one parent run per study, one child run per trial, created here; the job gets
+  MLFLOW_RUN_ID and MLFLOW_TRACKING_URI, so a plain `mlflow.start_run()` in the app logs into its trial's run.
+- The winner: `best_config_dir` gets the best trial as an experiment config; `on_best` is called with its run.
+
+A trial's life reads top to bottom in `_run_trials`: claim (ask, under the lock) -> launch -> tell.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -27,72 +29,152 @@ import shlex
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import optuna
 import sqlalchemy
+from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from . import sweep, tracking
-from .errors import ConfigError, DivergedError, Terminated, UserError
+from . import results, study as studies, tracking
+from .errors import ConfigError, StopSweep, Terminated, UserError, one_line
 from .redact import mask_secrets
-from .train import check_metric_names
 
-log = logging.getLogger("mnist_sweep.sweeper")
+log = logging.getLogger("optuna_pruning")
 SAMPLER_TARGETS = ("optuna.samplers.*", "hydra_plugins.hydra_optuna_sweeper.*")
-# Overrides that say where the study lives or how the job runs, not what it trains: kept out of the best
-# trial's experiment config
-NOT_A_RECIPE = ("storage", "hydra", "trainer.threads", "hparams_search", "mlflow")
 SIGNIFICANT_DIGITS = 4  # floats in the trial lines printed to the user
+TRIAL_STATE_TAG = "trial_state"  # MLflow tag of a trial's run: COMPLETE, PRUNED or FAIL
+TRIAL_NUMBER_TAG = "trial_number"  # MLflow tag of a trial's run
+STUDY_TAG = "study"  # MLflow tag of the parent and the trials' runs
+KIND_TAG = "kind"  # MLflow tag: "study" on a study's parent run
+RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED", TrialState.FAIL: "FAILED"}
 
 
-class MnistOptunaSweeper(Sweeper):
-    def __init__(self, sampler: DictConfig, direction: Any = None, storage: str | None = None,
-                 study_name: str | None = None, space_name: str = "default", n_trials: Any = 12, n_jobs: Any = 1,
-                 max_failure_rate: Any = 0.5, params: DictConfig | None = None,
-                 heartbeat_interval: Any = 10, grace_period: Any = 30, experiment_dir: str = "outputs/configs",
-                 custom_search_space: str | None = None) -> None:
+# -- the plugin's settings: hydra/sweeper=optuna_pruning, with hydra/sweeper/pruner options -------------------------
+
+@dataclass
+class MLflowSettings:
+    tracking_uri: Optional[str] = None  # null: no MLflow records
+    experiment: str = "Default"  # the experiment that holds the study's parent and trial runs
+
+
+@dataclass
+class OptunaPruningSweeperConf:
+    _target_: str = "mnist_sweep.sweeper.OptunaPruningSweeper"
+    defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "none"}])
+    # upstream's settings, with upstream's defaults
+    sampler: Any = MISSING  # hydra/sweeper/sampler=tpe|random|grid|cmaes|nsgaii|gp|qmc (the upstream plugin's)
+    direction: Any = "minimize"  # minimize | maximize | a list of them
+    storage: Any = None  # null: a SQLite file in the sweep folder, new each invocation
+    study_name: Optional[str] = None  # null: derived from space_name and the space, else Optuna's random name
+    n_trials: Any = 20  # trials of this invocation (of the whole study with total_budget)
+    n_jobs: Any = 2  # trials launched together
+    max_failure_rate: Any = 0.0  # stop once more than this share of n_trials has failed
+    params: Optional[dict[str, Any]] = None  # the search space: {key: sweep expression}
+    custom_search_space: Optional[str] = None  # dotpath of fn(cfg, trial) that suggests more params
+    # extras, off by default
+    pruner: Any = MISSING  # hydra/sweeper/pruner=none|median|hyperband|successive_halving
+    total_budget: bool = False  # n_trials counts the study's trials across invocations: rerun = resume
+    space_name: Optional[str] = None  # with study_name null: name the study <space_name>-<hash of the space>
+    heartbeat_interval: Any = None  # seconds; fail (and re-run once) trials whose process died
+    grace_period: Any = None  # seconds without a heartbeat before a trial counts as dead
+    metric_names: Optional[list[str]] = None  # names of the objectives (optuna-dashboard's axes, MLflow)
+    mlflow: MLflowSettings = field(default_factory=MLflowSettings)
+    best_config_dir: Optional[str] = None  # write the best trial to <dir>/experiment/<study>_best.yaml
+    best_config_exclude: list[str] = field(default_factory=list)  # keys and groups kept out of that config
+    on_best: Any = None  # a _target_ called with run_id= (the best trial's MLflow run) when the sweep ends
+
+
+PRUNERS = {  # hydra/sweeper/pruner options: Optuna's pruners with Optuna's defaults
+    "none": {"_target_": None},
+    "median": {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 5, "n_warmup_steps": 0,
+               "interval_steps": 1, "n_min_trials": 1},
+    "hyperband": {"_target_": "optuna.pruners.HyperbandPruner", "min_resource": 1, "max_resource": "auto",
+                  "reduction_factor": 3},
+    "successive_halving": {"_target_": "optuna.pruners.SuccessiveHalvingPruner", "min_resource": "auto",
+                           "reduction_factor": 4, "min_early_stopping_rate": 0},
+}
+
+
+def register_configs() -> None:
+    """The plugin's config group, found by any app that installs this package (no conf/ of its own needed)."""
+    store = ConfigStore.instance()
+    store.store(group="hydra/sweeper", name="optuna_pruning", node=OptunaPruningSweeperConf,
+                provider="mnist_sweep")
+    for name, node in PRUNERS.items():
+        store.store(group="hydra/sweeper/pruner", name=name, node=node, provider="mnist_sweep")
+
+
+register_configs()
+
+
+# -- the sweeper --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    """The checked settings of one sweep."""
+
+    n_trials: int
+    n_jobs: int
+    max_failure_rate: float
+    heartbeat_interval: int | None
+    grace_period: int | None
+    directions: list[str]
+
+
+class OptunaPruningSweeper(Sweeper):
+    def __init__(self, sampler: DictConfig, pruner: Any = None, direction: Any = "minimize", storage: Any = None,
+                 study_name: str | None = None, n_trials: Any = 20, n_jobs: Any = 2, max_failure_rate: Any = 0.0,
+                 params: DictConfig | None = None, custom_search_space: str | None = None,
+                 total_budget: bool = False, space_name: str | None = None, heartbeat_interval: Any = None,
+                 grace_period: Any = None, metric_names: Any = None, mlflow: Any = None,
+                 best_config_dir: str | None = None, best_config_exclude: Any = (), on_best: Any = None) -> None:
         # Checked in sweep(), where a bad value is one error line; raised here it would be Hydra's traceback
-        self.settings = dict(n_trials=n_trials, n_jobs=n_jobs, max_failure_rate=max_failure_rate,
-                             heartbeat_interval=heartbeat_interval, grace_period=grace_period)
-        self.custom_search_space = custom_search_space
+        self.raw = dict(n_trials=n_trials, n_jobs=n_jobs, max_failure_rate=max_failure_rate,
+                        heartbeat_interval=heartbeat_interval, grace_period=grace_period, direction=direction)
         self.sampler_cfg = sampler
-        self.direction = direction
-        self.storage_url = storage or "sqlite:///outputs/optuna.db"
+        self.pruner_spec = json.dumps(OmegaConf.to_container(pruner, resolve=True) if pruner else {})
+        self.storage_url = storage
         self.study_name = study_name
-        self.space_name = space_name
         self.params = params
-        self.experiment_dir = experiment_dir
+        self.custom_search_space = custom_search_space
+        self.total_budget = total_budget
+        self.space_name = space_name
+        self.metric_names = list(metric_names) if metric_names else None
+        self.mlflow = OmegaConf.to_container(mlflow, resolve=True) if mlflow else {}
+        self.best_config_dir = best_config_dir
+        self.best_config_exclude = tuple(best_config_exclude or ())
+        self.on_best = on_best
+        self.client = None
         self.job_idx = 0
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
-        self.hydra_context = hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(
             config=config, hydra_context=hydra_context, task_function=task_function)
 
     def sweep(self, arguments: list[str]) -> None:
         try:
-            self._check_settings()
-            self._sweep(arguments)
-        except UserError as e:
+            self._sweep(check_settings(**self.raw), arguments)
+        except (UserError, StopSweep) as e:
             print(f"error: {mask_secrets(str(e))}", file=sys.stderr)
             raise SystemExit(2) from None
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:  # read-only, gone
-            print(f"error: Optuna storage {sweep.shown_url(self.storage_url)!r} (hydra.sweeper.storage) failed: "
-                  f"{mask_secrets(sweep.first_line(e))}; finished trials are kept, run the same command "
-                  "again to resume", file=sys.stderr)
+            print(f"error: Optuna storage {mask_secrets(str(self.storage_url))!r} (hydra.sweeper.storage) failed: "
+                  f"{mask_secrets(one_line(e))}; finished trials are kept, run the same command again to resume",
+                  file=sys.stderr)
             raise SystemExit(2) from None
         except KeyboardInterrupt as e:
             how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
@@ -100,51 +182,45 @@ class MnistOptunaSweeper(Sweeper):
                   "its MLflow run KILLED; run the same command again to resume", file=sys.stderr)
             raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
 
-    def _check_settings(self) -> None:
-        s = self.settings
-        for key in ("n_trials", "n_jobs", "heartbeat_interval", "grace_period"):
-            if not isinstance(s[key], int) or isinstance(s[key], bool) or s[key] < 1:
-                raise ConfigError(f"hydra.sweeper.{key}={s[key]!r} must be an integer >= 1")
-        rate = s["max_failure_rate"]
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
-            raise ConfigError(f"hydra.sweeper.max_failure_rate={rate!r} must be a number in [0, 1] (the share of "
-                              "the study's trials that may fail before the sweep stops)")
-        if self.custom_search_space:
-            raise ConfigError("hydra.sweeper.custom_search_space is not supported by mnist_optuna; put the space "
-                              "in hydra.sweeper.params")
-        self.n_trials, self.n_jobs, self.max_failure_rate = s["n_trials"], s["n_jobs"], float(rate)
-        self.heartbeat_interval, self.grace_period = s["heartbeat_interval"], s["grace_period"]
-
-    # -- the study ----------------------------------------------------------------------------------------------
-
-    def _sweep(self, arguments: list[str]) -> None:
-        experiment = self.config.mlflow.experiment
-        if not isinstance(experiment, str) or not experiment.strip():  # checked before the parent run is made
-            raise ConfigError(f"mlflow.experiment={experiment!r} must be a non-empty name")
+    def _sweep(self, settings: Settings, arguments: list[str]) -> None:
         distributions, fixed_args = self._search_space(arguments)
-        metrics = self._metrics()
-        directions = self._directions(metrics)
-        name = sweep.check_study_name(self.study_name or sweep.study_name_for(self.space_name, distributions,
-                                                                              fixed_args))
-        storage = sweep.make_storage(self.storage_url, self.heartbeat_interval, self.grace_period)
-        self.client = tracking.make_client(self.config.mlflow.tracking_uri)  # checks a tracking server answers
-        sampler, n_trials = self._sampler(storage, name, distributions)
-        study = sweep.open_study(storage, name, directions, sampler)
-        study.set_metric_names(metrics)  # optuna-dashboard labels its axes with them
-        if self._budget_spent(study, n_trials):
+        url = self.storage_url or f"sqlite:///{Path(self.config.hydra.sweep.dir).absolute() / 'optuna.db'}"
+        name = self.study_name or (studies.study_name_for(self.space_name, distributions, fixed_args)
+                                   if self.space_name else None)
+        if name is not None:
+            studies.check_study_name(name)
+        storage = studies.make_storage(url, settings.heartbeat_interval, settings.grace_period)
+        if self.mlflow.get("tracking_uri"):
+            experiment = self.mlflow.get("experiment")
+            if not isinstance(experiment, str) or not experiment.strip():  # before any run or trial is made
+                raise ConfigError(f"hydra.sweeper.mlflow.experiment={experiment!r} must be a non-empty name")
+            self.client = tracking.make_client(self.mlflow["tracking_uri"])  # checks a tracking server answers
+        sampler, grid_size = self._seeded_sampler(0, distributions)
+        study = studies.open_study(storage, name, settings.directions, sampler)
+        if self.seeded_for != len(study.get_trials(deepcopy=False)):
+            study.sampler, grid_size = self._seeded_sampler(len(study.get_trials(deepcopy=False)), distributions)
+        if self.metric_names:
+            study.set_metric_names(self.metric_names)
+        n_trials = settings.n_trials if self.total_budget else studies.budget_used(study) + settings.n_trials
+        n_trials = min(n_trials, grid_size) if grid_size else n_trials
+        if self.total_budget and self._budget_spent(study, n_trials):
             return
-        # The jobs find the study's storage here: the environment, inherited by launcher processes, keeps a
-        # password out of Hydra's saved job configs (see sweep.STORAGE_ENV)
-        os.environ[sweep.STORAGE_ENV] = self.storage_url
-        with self._parent_run(study, distributions, directions) as parent:
-            log.info(f"study {name!r} in {sweep.shown_url(self.storage_url)}: {sweep.budget_used(study)}/"
-                     f"{n_trials} trials used; sampler {type(sampler).__name__}, pruner "
-                     f"{self.config.pruner._target_}, directions {directions}; MLflow parent run {parent.run_id}")
-            self._close_orphan_child_runs(study, parent.run_id)
+        ref = studies.TrialRef(url, study.study_name, -1, self.pruner_spec)
+        os.environ.update(ref.sweep_env())  # the jobs' way to the study: inherited, never saved (see study.py)
+        if self.client is not None:  # for a plain mlflow.start_run() in the job, with MLFLOW_RUN_ID per trial
+            os.environ["MLFLOW_TRACKING_URI"] = self.mlflow["tracking_uri"]
+        share_cores(type(self.launcher).__name__, settings.n_jobs)
+        with self._parent_run(study, storage, distributions, settings.directions) as parent_id:
+            log.info(f"study {study.study_name!r} in {mask_secrets(url)}: {studies.budget_used(study)}/{n_trials} "
+                     f"trials used; sampler {type(study.sampler).__name__}, pruner "
+                     f"{json.loads(self.pruner_spec).get('_target_') or 'none'}, directions {settings.directions}")
+            self._close_orphan_runs(study, parent_id)
             try:
-                self._run_trials(study, storage, distributions, fixed_args, metrics, parent.run_id, n_trials)
+                self._run_trials(study, storage, settings, distributions, fixed_args, parent_id, n_trials)
             finally:
-                self._summarize(study, parent, name)
+                self._summarize(study, parent_id)
+
+    # -- the search space ------------------------------------------------------------------------------------------
 
     def _search_space(self, arguments: list[str]) -> tuple[dict, list[str]]:
         """The distributions to sample and the fixed overrides of every trial.
@@ -157,9 +233,9 @@ class MnistOptunaSweeper(Sweeper):
                 [f"{k}={v}" for k, v in (self.params or {}).items()])
         except Exception as e:
             raise ConfigError(f"search space could not be parsed ({type(e).__name__}: {e}); use the plugin's "
-                              "grammar, e.g. 'model.dropout=interval(0.1,0.6)', 'model.fc_width=choice(64,128)', "
-                              "'optimizer.lr=tag(log,interval(1e-4,1e-1))'") from None
-        user_keys = [k for k in given_fixed] + [k.lstrip("~") for k in given_other]
+                              "grammar, e.g. 'x=interval(0.1,0.6)', 'y=choice(64,128)', "
+                              "'lr=tag(log,interval(1e-4,1e-1))'") from None
+        user_keys = list(given_fixed) + [k.lstrip("~") for k in given_other]
 
         def fixed_by_user(key: str) -> bool:
             return any(key == u or key.startswith(f"{u}.") for u in user_keys)
@@ -171,51 +247,24 @@ class MnistOptunaSweeper(Sweeper):
         fixed = {k: v for k, v in space_fixed.items() if k not in dropped and k not in given} | given_fixed
         for key in given:
             fixed.pop(key, None)
-        fixed_args = [f"{k}={v}" for k, v in fixed.items()] + space_other + given_other
-        return distributions, fixed_args
+        return distributions, [f"{k}={v}" for k, v in fixed.items()] + space_other + given_other
 
-    def _metrics(self) -> list[str]:
-        metrics = self.config.optimized_metric
-        metrics = [metrics] if isinstance(metrics, str) else list(metrics)
-        check_metric_names(metrics)
-        return metrics
-
-    def _directions(self, metrics: list[str]) -> list[str]:
-        derived = sweep.directions_for(metrics)
-        if self.direction is None:
-            return derived
-        given = [self.direction] if isinstance(self.direction, str) else list(self.direction)
-        given = [getattr(d, "name", d) for d in given]
-        if given != derived:
-            raise ConfigError(f"hydra.sweeper.direction={given} contradicts optimized_metric={metrics}, which is "
-                              f"{derived}; leave direction null to follow the metric")
-        return given
-
-    def _budget_spent(self, study: optuna.Study, n_trials: int) -> bool:
-        """A finished study's command says so in one line, and leaves nothing behind (no run, no folder)."""
-        optuna.storages.fail_stale_trials(study)
-        used = sweep.budget_used(study)
-        if used < n_trials or sweep.running_count(study):
-            return False
-        best = sweep.best_trials(study)
-        found = (f"; best trial #{best[0].number}: {self._metrics()[0]}={best[0].value:.4f}"
-                 if best and len(study.directions) == 1 else "")
-        log.info(f"study {study.study_name!r} has used its budget ({used}/{n_trials} trials){found}. To run more, "
-                 f"raise it: hydra.sweeper.n_trials={n_trials + max(1, n_trials // 2)} (the total, not the "
-                 "additional trials)")
-        sweep_dir = Path(self.config.hydra.sweep.dir)
+    def _seeded_sampler(self, existing: int, distributions: dict) -> tuple[optuna.samplers.BaseSampler, int | None]:
+        """The sampler, its seed offset by the trials already in the study so a resumed study draws new points;
+        GridSampler gets its grid from the space (and the grid's size caps the budget)."""
+        self.seeded_for = existing
+        cfg = OmegaConf.to_container(self.sampler_cfg, resolve=True)
+        if cfg.get("seed") is not None:
+            cfg["seed"] = studies.reseeded(cfg["seed"], existing)
         try:
-            sweep_dir.rmdir()  # made by the output-folder check before the sweep started; only if empty
-        except OSError:
-            pass
-        return True
-
-    def _sampler(self, storage, name: str, distributions: dict) -> tuple[optuna.samplers.BaseSampler, int]:
-        try:
-            existing = len(optuna.load_study(study_name=name, storage=storage).trials)
-        except KeyError:
-            existing = 0
-        return self._seeded_sampler(existing, distributions)
+            sampler = instantiate(cfg, _execution_whitelist_=SAMPLER_TARGETS)
+        except Exception as e:
+            raise ConfigError(f"hydra.sweeper.sampler: {cfg.get('_target_')!r} could not be built: "
+                              f"{one_line(e)}") from None
+        if isinstance(sampler, functools.partial) and sampler.func is optuna.samplers.GridSampler:
+            grid = {k: grid_choices(k, d) for k, d in distributions.items()}
+            return sampler(grid), math.prod(len(v) for v in grid.values())
+        return sampler, None
 
     def _reseed_if_others_claimed(self, study: optuna.Study, distributions: dict) -> None:
         """Workers started together would draw the same points from the same seed: when the study holds other
@@ -224,217 +273,262 @@ class MnistOptunaSweeper(Sweeper):
         if existing != self.seeded_for:
             study.sampler, _ = self._seeded_sampler(existing, distributions)
 
-    def _seeded_sampler(self, existing: int, distributions: dict) -> tuple[optuna.samplers.BaseSampler, int]:
-        """Instantiate the sampler; its seed is offset by the trials already in the study so a resumed study
-        draws new points. GridSampler gets its grid from the space and caps n_trials at the grid size."""
-        self.seeded_for = existing
-        cfg = OmegaConf.to_container(self.sampler_cfg, resolve=True)
-        if cfg.get("seed") is not None:
-            cfg["seed"] = sweep.reseeded(cfg["seed"], existing)
-        try:
-            sampler = instantiate(cfg, _execution_whitelist_=SAMPLER_TARGETS)
-        except Exception as e:
-            raise ConfigError(f"hydra.sweeper.sampler: {cfg.get('_target_')!r} could not be built: "
-                              f"{sweep.first_line(e)}") from None
-        n_trials = self.n_trials
-        if isinstance(sampler, functools.partial) and sampler.func is optuna.samplers.GridSampler:
-            grid = {k: grid_choices(k, d) for k, d in distributions.items()}
-            sampler = sampler(grid)
-            size = math.prod(len(values) for values in grid.values())
-            if size < n_trials:
-                log.info(f"GridSampler: the grid has {size} points; n_trials {n_trials} -> {size}")
-            n_trials = min(n_trials, size)
-        return sampler, n_trials
+    # -- the trials ------------------------------------------------------------------------------------------------
 
-    @contextmanager
-    def _parent_run(self, study: optuna.Study, distributions: dict, directions: list[str]) -> Iterator[Any]:
-        """The study's MLflow run for this invocation. One status rule: FINISHED when the invocation ends
-        normally, KILLED on Ctrl-C or SIGTERM, FAILED on anything else, whatever fails while summarizing."""
-        with sweep.claim_lock(study._storage, study.study_name):  # workers starting together make one parent
-            parent = self._find_or_create_parent_run(study, distributions, directions)
-        status = "FAILED"
-        try:
-            yield parent
-            status = "FINISHED"
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        finally:
-            tracking.retry_locked(self.client.set_terminated, parent.run_id, status=status)
+    def _run_trials(self, study, storage, settings: Settings, distributions: dict, fixed_args: list[str],
+                    parent_id: str | None, n_trials: int) -> None:
+        """Claim, launch and tell trials until the budget is spent and none is running, here or in another
+        worker (a dead worker's trial goes stale, is re-queued and claimed here)."""
+        jobs: dict[int, list[str]] = {}
 
-    def _find_or_create_parent_run(self, study: optuna.Study, distributions: dict, directions: list[str]):
-        parent_id = study.user_attrs.get(sweep.PARENT_RUN_ATTR)
-        if parent_id is not None:
-            return tracking.RunRecorder.resume(self.client, parent_id)
-        rec = tracking.RunRecorder(self.client, self.config.mlflow.experiment, run_name=study.study_name,
-                                   tags={"study": study.study_name, "kind": "study"} | tracking.source_tags())
-        rec.log_params({"study": study.study_name, "sampler": type(study.sampler).__name__,
-                        "pruner": self.config.pruner._target_, "storage": sweep.shown_url(self.storage_url),
-                        "optimized_metric": ",".join(self._metrics()), "directions": ",".join(directions),
-                        **{f"space.{k}": repr(v) for k, v in distributions.items()}})
-        study.set_user_attr(sweep.PARENT_RUN_ATTR, rec.run_id)
-        return rec
-
-    def _close_orphan_child_runs(self, study: optuna.Study, parent_id: str) -> None:
-        """Child runs left RUNNING by a killed process, whose trial is no longer running, are marked KILLED.
-
-        Runs are listed before trials, and re-read before they are closed: another worker's run that started or
-        finished meanwhile is left alone."""
-        runs = tracking.child_runs(self.client, parent_id, status="RUNNING")
-        running = {t.number for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING}
-        for run in runs:
-            if int(run.data.tags.get("trial_number", -1)) not in running and \
-                    self.client.get_run(run.info.run_id).info.status == "RUNNING":
-                self.client.set_tag(run.info.run_id, "trial_state", "FAIL")
-                self.client.set_terminated(run.info.run_id, status="KILLED")
-
-    def _run_trials(self, study, storage, distributions, fixed_args, metrics, parent_id: str, n_trials: int) -> None:
-        """Claim, run and tell trials until the budget is spent and none is running, here or in another worker
-        (a dead worker's trial goes stale, is re-queued and claimed here)."""
-        overrides: dict[int, list[str]] = {}
-        waiting_for = 0
-
-        def prepare(trial) -> None:
-            sweep.suggest(trial, distributions)
-            ov = [f"{k}={v}" for k, v in trial.params.items()] + fixed_args
-            trial.set_user_attr(sweep.OVERRIDES_ATTR, [mask_secrets(o) for o in ov])
-            ref = sweep.TrialRef(self.storage_url, study.study_name, trial.number, parent_id)
-            overrides[trial.number] = ov + self._job_settings(ov) + [
-                f"++hydra.job.env_set.{k}={_quote(v)}" for k, v in ref.job_env().items()]
-            self.seeded_for = len(study.get_trials(deepcopy=False))  # still under the claim lock
+        def prepare(trial: optuna.Trial) -> None:  # under the claim lock: the next worker sees it claimed
+            studies.suggest(trial, distributions)
+            if self.custom_search_space:
+                get_method(self.custom_search_space)(self.config, trial)
+            overrides = [f"{k}={v}" for k, v in trial.params.items()] + fixed_args
+            trial.set_user_attr(studies.OVERRIDES_ATTR, [mask_secrets(o) for o in overrides])
+            env = studies.TrialRef("", study.study_name, trial.number).job_env()
+            run_id = self._child_run(study, trial, parent_id)
+            if run_id:
+                env |= {"MLFLOW_RUN_ID": run_id}
+                trial.set_user_attr(studies.RUN_ID_ATTR, run_id)
+            jobs[trial.number] = overrides + [f"++hydra.job.env_set.{k}={_quote(v)}" for k, v in env.items()]
+            self.seeded_for = len(study.get_trials(deepcopy=False))
 
         quiet_launcher_logs()
+        waiting_for = 0
         while True:
-            batch = sweep.claim_trials(study, n_trials, self.n_jobs,
-                                       lambda s: self._reseed_if_others_claimed(s, distributions), prepare)
+            batch = studies.claim_trials(study, storage, n_trials, settings.n_jobs,
+                                         lambda s: self._reseed_if_others_claimed(s, distributions), prepare)
             if not batch:
-                if not (running := sweep.running_count(study)):
+                if not (running := studies.running_count(study)):
                     return
                 if running != waiting_for:
                     log.info(f"budget spent; waiting for {running} running trial(s) of other workers to end")
                 waiting_for = running
-                time.sleep(max(1, self.heartbeat_interval))
+                time.sleep(max(1, settings.heartbeat_interval or 1))
                 continue
             for trial in batch:
                 log.info(f"trial {trial.number} started: {trial_params_text(trial.params)}")
             try:
-                with sweep.heartbeat(storage, [t._trial_id for t in batch]):
-                    returns = self.launcher.launch([overrides.pop(t.number) for t in batch],
-                                                   initial_job_idx=self.job_idx)
+                ids = [studies.trial_id(storage, study.study_name, t.number) for t in batch]
+                with studies.heartbeat(storage, ids):
+                    returns = self.launcher.launch([jobs.pop(t.number) for t in batch], initial_job_idx=self.job_idx)
             except KeyboardInterrupt as e:
                 reason = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
                 for trial in batch:
-                    self._tell(study, trial, TrialState.FAIL, None, reason)
+                    self._tell(study, trial, TrialState.FAIL, None, reason, run_status="KILLED")
                     retry_once(study, trial.number)
                 raise
             self.job_idx += len(returns)
             for trial, ret in zip(batch, returns):
-                self._record(study, trial, ret, len(metrics))
-                log.info(trial_end_line(study, trial.number, n_trials, metrics[0]))
-            failed = sweep.failed_count(study)
-            if failed > self.max_failure_rate * n_trials:
+                state, values, reason, stop = outcome(ret, len(settings.directions))
+                self._tell(study, trial, state, values, reason)
+                if stop is not None:
+                    raise stop
+                log.info(trial_end_line(study, trial.number, n_trials, self.metric_names))
+            failed = studies.failed_count(study)
+            if failed > settings.max_failure_rate * n_trials:
                 raise UserError(f"{failed} trials of the study failed, more than hydra.sweeper.max_failure_rate="
-                                f"{self.max_failure_rate} of its {n_trials} trials; see the trials' "
-                                f"'{sweep.FAIL_REASON_ATTR}' in the study and their MLflow runs")
+                                f"{settings.max_failure_rate} of its {n_trials} trials; see the trials' "
+                                f"'{studies.FAIL_REASON_ATTR}' in the study")
 
-    def _job_settings(self, overrides: list[str]) -> list[str]:
-        """Jobs in parallel processes share the cores: jobs x threads must not exceed them."""
-        if type(self.launcher).__name__ != "JoblibLauncher" or self.n_jobs < 2:
-            return []
-        if any(o.startswith("trainer.threads=") for o in overrides):
-            return []
-        return [f"trainer.threads={max(1, (os.cpu_count() or 1) // self.n_jobs)}"]
-
-    def _record(self, study, trial, ret: JobReturn, n_objectives: int) -> None:
-        """Tell the trial's outcome: COMPLETE, PRUNED, or FAIL with its reason."""
-        if ret.status == JobStatus.COMPLETED:
-            values = objective_values(ret.return_value, n_objectives)
-            if isinstance(values, str):
-                self._tell(study, trial, TrialState.FAIL, None, values)
-                return
-            self._tell(study, trial, TrialState.COMPLETE, values)
-            return
-        try:
-            ret.return_value  # re-raises the job's exception: the public way to get it
-            error: BaseException = RuntimeError("the job failed without an exception")
-        except Exception as e:
-            error = e
-        if isinstance(error, optuna.TrialPruned):
-            self._tell(study, trial, TrialState.PRUNED, None, str(error))
-            return
-        reason = mask_secrets(f"{type(error).__name__}: {error}")
-        self._tell(study, trial, TrialState.FAIL, None, reason)
-        if isinstance(error, UserError) and not isinstance(error, DivergedError):
-            shown = " ".join(o for o in (ret.overrides or []) if not o.startswith("hydra."))
-            raise type(error)(f"trial {trial.number} ({shown}) stopped the sweep: {error}")
-
-    def _tell(self, study, trial, state: TrialState, values, reason: str | None = None) -> None:
+    def _tell(self, study, trial, state: TrialState, values, reason: str | None = None,
+              run_status: str | None = None) -> None:
+        """Tell the trial's end to the study and to its MLflow run; a job that stopped the sweep stops it here."""
         if reason:
-            trial.set_user_attr(sweep.FAIL_REASON_ATTR if state == TrialState.FAIL else "end_reason", reason[:2000])
+            trial.set_user_attr(studies.FAIL_REASON_ATTR if state == TrialState.FAIL else "end_reason",
+                                mask_secrets(reason)[:2000])
         try:
             study.tell(trial, values=values, state=state, skip_if_finished=True)
         except RuntimeError as e:  # GridSampler calls study.stop() on its last point; the state is stored
             if "Study.stop" not in str(e):
                 raise
-        run_id = study._storage.get_trial_user_attrs(trial._trial_id).get(sweep.RUN_ID_ATTR)
-        if run_id:
-            self.client.set_tag(run_id, "trial_state", state.name)
+        run_id = trial.user_attrs.get(studies.RUN_ID_ATTR)
+        if self.client is not None and run_id:
+            self.client.set_tag(run_id, TRIAL_STATE_TAG, state.name)
+            if self.client.get_run(run_id).info.status == "RUNNING":  # the job did not end it (or died)
+                tracking.retry_locked(self.client.set_terminated, run_id, status=run_status or RUN_STATUS[state])
 
-    # -- the end of an invocation --------------------------------------------------------------------------------
+    # -- MLflow --------------------------------------------------------------------------------------------------
 
-    def _summarize(self, study: optuna.Study, parent, name: str) -> None:
-        counts = sweep.state_counts(study)
-        parent.log_metrics({f"trials/{k.lower()}": v for k, v in counts.items()}, step=sum(counts.values()))
-        parent.set_tags({"n_trials": self.n_trials})
-        from .report import tidy_figures
+    @contextmanager
+    def _parent_run(self, study, storage, distributions: dict, directions: list[str]) -> Iterator[str | None]:
+        """The study's MLflow run (reused on resume), ended with one status rule: FINISHED when the invocation
+        ends normally, KILLED on Ctrl-C or SIGTERM, FAILED on anything else, whatever fails while summarizing."""
+        if self.client is None:
+            yield None
+            return
+        with studies.claim_lock(storage, study.study_name):  # workers starting together make one parent
+            parent_id = study.user_attrs.get(studies.PARENT_RUN_ATTR)
+            if parent_id is not None:
+                tracking.RunRecorder.resume(self.client, parent_id)
+            else:
+                parent_id = self._new_parent_run(study, distributions, directions)
+        status = "FAILED"
+        try:
+            yield parent_id
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            tracking.retry_locked(self.client.set_terminated, parent_id, status=status)
 
-        completed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        for file, fig in tidy_figures(sweep.history_figures(study), self._metrics()[0], completed).items():
-            parent.log_figure(fig, file)
-        results = sweep.results_summary(study)
+    def _new_parent_run(self, study, distributions: dict, directions: list[str]) -> str:
+        rec = tracking.RunRecorder(self.client, self.mlflow.get("experiment") or "Default", run_name=study.study_name,
+                                   tags={STUDY_TAG: study.study_name, KIND_TAG: "study"} | tracking.source_tags())
+        rec.log_params({"study": study.study_name, "sampler": type(study.sampler).__name__,
+                        "pruner": json.loads(self.pruner_spec).get("_target_") or "none",
+                        "storage": mask_secrets(str(self.storage_url)), "directions": ",".join(directions),
+                        **{f"space.{k}": repr(v) for k, v in distributions.items()}})
+        study.set_user_attr(studies.PARENT_RUN_ATTR, rec.run_id)
+        return rec.run_id
+
+    def _child_run(self, study, trial, parent_id: str | None) -> str | None:
+        """The trial's MLflow run, made here so the job (any app) logs into it through MLFLOW_RUN_ID."""
+        if self.client is None:
+            return None
+        parent = self.client.get_run(parent_id)
+        run = tracking.retry_locked(self.client.create_run, parent.info.experiment_id, run_name=f"trial-{trial.number}",
+                                    tags={tracking.PARENT_TAG: parent_id, TRIAL_NUMBER_TAG: str(trial.number),
+                                          STUDY_TAG: study.study_name})
+        return run.info.run_id
+
+    def _close_orphan_runs(self, study, parent_id: str | None) -> None:
+        """Child runs left RUNNING by a killed process, whose trial is no longer running, are marked KILLED.
+
+        Runs are listed before trials, and re-read before they are closed: another worker's run that started or
+        finished meanwhile is left alone."""
+        if self.client is None:
+            return
+        runs = tracking.child_runs(self.client, parent_id, status="RUNNING")
+        running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        for run in runs:
+            if int(run.data.tags.get(TRIAL_NUMBER_TAG, -1)) not in running and \
+                    self.client.get_run(run.info.run_id).info.status == "RUNNING":
+                self.client.set_tag(run.info.run_id, TRIAL_STATE_TAG, "FAIL")
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+
+    # -- the end of an invocation ------------------------------------------------------------------------------
+
+    def _budget_spent(self, study: optuna.Study, n_trials: int) -> bool:
+        """A finished study's command says so in one line, and leaves nothing behind (no run, no folder)."""
+        optuna.storages.fail_stale_trials(study)
+        used = studies.budget_used(study)
+        if used < n_trials or studies.running_count(study):
+            return False
+        best = results.best_trials(study)
+        metric = (self.metric_names or ["value"])[0]
+        found = f"; best trial #{best[0].number}: {metric}={best[0].value:.4f}" if len(best) == 1 else ""
+        log.info(f"study {study.study_name!r} has used its budget ({used}/{n_trials} trials){found}. To run more, "
+                 f"raise it: hydra.sweeper.n_trials={n_trials + max(1, n_trials // 2)} (the total, not the "
+                 "additional trials)")
+        try:
+            Path(self.config.hydra.sweep.dir).rmdir()  # made by Hydra's output-folder check; only if empty
+        except OSError:
+            pass
+        return True
+
+    def _summarize(self, study: optuna.Study, parent_id: str | None) -> None:
+        summary = results.results_summary(study)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")
-        parent.log_text(OmegaConf.to_yaml(OmegaConf.create(results)), "optimization_results.yaml")
-        best = sweep.best_trials(study)
-        if best and len(study.directions) == 1:
-            self._record_best(study, parent, name, best[0])
+        OmegaConf.save(OmegaConf.create(summary), sweep_dir / "optimization_results.yaml")
+        best = results.best_trials(study)
+        if len(best) == 1 and len(study.directions) == 1:
+            log.info(f"best trial {best[0].number}: {(self.metric_names or ['value'])[0]}={best[0].value:.4f} "
+                     f"{trial_params_text(best[0].params)}")
+            if self.best_config_dir:
+                self._write_best_config(best[0], study.study_name)
         elif best:
             log.info(f"Pareto front: {len(best)} trials: " + "; ".join(f"#{t.number} {t.values}" for t in best))
+        counts = studies.state_counts(study)
         log.info(f"trials by state: {', '.join(f'{k} {v}' for k, v in counts.items() if v)}")
-        self._close_orphan_child_runs(study, parent.run_id)  # a dead worker's trial, failed while we ran
+        if parent_id is not None:
+            self._record_on_parent(study, parent_id, summary, counts, best)
 
-    def _record_best(self, study: optuna.Study, parent, name: str, trial) -> None:
-        parent.log_metrics({f"best/{m}": v for m, v in zip(self._metrics(), trial.values)}, step=trial.number)
-        parent.set_tags({f"best.{k}": v for k, v in trial.params.items()} | {"best.trial": trial.number})
-        run_id = trial.user_attrs.get(sweep.RUN_ID_ATTR)
-        if run_id:
-            self._register_best(parent, run_id)
-        self._write_best_experiment(trial, name)
-        log.info(f"best trial {trial.number}: {self._metrics()[0]}={trial.value:.4f} "
-                 f"{trial_params_text(trial.params)}")
+    def _record_on_parent(self, study, parent_id: str, summary: dict, counts: dict, best: list) -> None:
+        parent = tracking.RunRecorder.attach(self.client, parent_id)
+        parent.log_metrics({f"trials/{k.lower()}": v for k, v in counts.items()}, step=sum(counts.values()))
+        completed = counts.get("COMPLETE", 0)
+        metric = (self.metric_names or ["value"])[0]
+        for file, fig in results.tidy_figures(results.history_figures(study), metric, completed).items():
+            parent.log_figure(fig, file)
+        parent.log_text(OmegaConf.to_yaml(OmegaConf.create(summary)), "optimization_results.yaml")
+        if len(best) == 1 and len(study.directions) == 1:
+            trial = best[0]
+            names = self.metric_names or ["value"]
+            parent.log_metrics({f"best/{m}": v for m, v in zip(names, trial.values)}, step=trial.number)
+            run_id = trial.user_attrs.get(studies.RUN_ID_ATTR)
+            parent.set_tags({f"best.{k}": v for k, v in trial.params.items()} | {"best.trial": trial.number}
+                            | ({"best.run_id": run_id} if run_id else {}))
+            if run_id and self.on_best:
+                hook = instantiate(self.on_best, _partial_=True)
+                for key, value in (hook(run_id=run_id, tracking_uri=self.mlflow["tracking_uri"]) or {}).items():
+                    parent.set_tags({f"best.{key}": value})
+        self._close_orphan_runs(study, parent_id)  # a dead worker's trial, failed while we ran
 
-    def _register_best(self, parent, run_id: str) -> None:
-        parent.set_tags({"best.run_id": run_id})
-        name = self.config.mlflow.get("registered_model")
-        if not name:
-            return
-        version = tracking.register_model(self.client, run_id, name)  # a run registered before keeps its version
-        parent.set_tags({"best.model_uri": f"models:/{name}/{version.version}"})
-        log.info(f"best model registered in MLflow as models:/{name}/{version.version}")
-
-    def _write_best_experiment(self, trial, name: str) -> None:
-        choices, values = recipe(trial.user_attrs.get(sweep.OVERRIDES_ATTR, []),
-                                 set(self.config.hydra.runtime.choices.keys()))
-        folder = Path(self.experiment_dir) / "experiment"
+    def _write_best_config(self, trial, name: str) -> None:
+        choices, values = recipe(trial.user_attrs.get(studies.OVERRIDES_ATTR, []),
+                                 set(self.config.hydra.runtime.choices.keys()), self.best_config_exclude)
+        folder = Path(self.best_config_dir) / "experiment"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{name}_best.yaml"
-        path.write_text(sweep.experiment_yaml(choices, values,
-                                              f"best trial {trial.number} of study {name}: {trial.value}"))
+        path.write_text(results.experiment_yaml(choices, values,
+                                                f"best trial {trial.number} of study {name}: {trial.value}"))
+        app = Path(sys.argv[0]).name
         plain = [f"{k}={v}" for k, v in choices.items()] + [f"{k}={_quote_value(v)}" for k, v in values.items()]
-        log.info(f"best config written to {path}; re-run it with:\n    python -m mnist_sweep "
-                 f"experiment={shlex.quote(name + '_best')}\n    (or: python -m mnist_sweep "
-                 f"{' '.join(shlex.quote(o) for o in plain)})")
+        log.info(f"best config written to {path}; re-run it with:\n    {app} experiment={shlex.quote(name + '_best')}"
+                 f"\n    (or: {app} {' '.join(shlex.quote(o) for o in plain)})")
+
+
+# -- small pure helpers --------------------------------------------------------------------------------------------
+
+def check_settings(n_trials: Any, n_jobs: Any, max_failure_rate: Any, heartbeat_interval: Any, grace_period: Any,
+                   direction: Any) -> Settings:
+    """The sweeper's own settings, checked: each bad one is one line naming it and what is allowed."""
+    for key, value, optional in (("n_trials", n_trials, False), ("n_jobs", n_jobs, False),
+                                 ("heartbeat_interval", heartbeat_interval, True),
+                                 ("grace_period", grace_period, True)):
+        if value is None and optional:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"hydra.sweeper.{key}={value!r} must be an integer >= 1")
+    rate = max_failure_rate
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+        raise ConfigError(f"hydra.sweeper.max_failure_rate={rate!r} must be a number in [0, 1] (the share of "
+                          "the study's trials that may fail before the sweep stops)")
+    if heartbeat_interval and not grace_period:
+        grace_period = 3 * heartbeat_interval
+    directions = [direction] if isinstance(direction, str) else list(direction)
+    directions = [getattr(d, "name", d).lower() for d in directions]
+    if not directions or any(d not in ("minimize", "maximize") for d in directions):
+        raise ConfigError(f"hydra.sweeper.direction={direction!r}: each direction must be minimize or maximize")
+    return Settings(n_trials, n_jobs, float(rate), heartbeat_interval, grace_period, directions)
+
+
+def outcome(ret: JobReturn, n_objectives: int) -> tuple[TrialState, list[float] | None, str | None,
+                                                        StopSweep | None]:
+    """(state, values, reason, stop) of a finished job; `stop` is the error to stop the sweep with when the job
+    raised StopSweep (a config error: every other trial would fail the same way)."""
+    if ret.status == JobStatus.COMPLETED:
+        values = objective_values(ret.return_value, n_objectives)
+        if isinstance(values, str):
+            return TrialState.FAIL, None, values, None
+        return TrialState.COMPLETE, values, None, None
+    try:
+        ret.return_value  # re-raises the job's exception: the public way to get it
+        error: BaseException = RuntimeError("the job failed without an exception")
+    except Exception as e:
+        error = e
+    if isinstance(error, optuna.TrialPruned):
+        return TrialState.PRUNED, None, str(error), None
+    reason = f"{type(error).__name__}: {error}"
+    if isinstance(error, StopSweep):
+        shown = " ".join(o for o in (ret.overrides or []) if not o.startswith(("hydra.", "++hydra.")))
+        return TrialState.FAIL, None, reason, StopSweep(f"a trial ({shown}) stopped the sweep: {error}")
+    return TrialState.FAIL, None, reason, None
 
 
 def objective_values(returned: Any, n_objectives: int) -> list[float] | str:
@@ -461,13 +555,22 @@ def retry_once(study: optuna.Study, number: int) -> None:
     RetryHeartbeatStaleTrialCallback(max_retry=1)(study, frozen)
 
 
-def recipe(overrides: list[str], groups: set[str]) -> tuple[dict[str, str], dict[str, Any]]:
-    """A trial's overrides as (group choices, values), unescaped, without what only says where or how it ran."""
+def share_cores(launcher: str, n_jobs: int) -> None:
+    """Parallel job processes share the cores: each gets cores // n_jobs OpenMP threads (torch, numpy), inherited
+    from this process's environment, unless the user set OMP_NUM_THREADS."""
+    if launcher == "JoblibLauncher" and n_jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n_jobs))
+
+
+def recipe(overrides: list[str], groups: set[str], exclude: tuple[str, ...] = ()) -> tuple[dict[str, str],
+                                                                                       dict[str, Any]]:
+    """A trial's overrides as (group choices, values), unescaped, without Hydra's own settings and without the
+    keys (and their children) in `exclude`."""
     choices: dict[str, str] = {}
     values: dict[str, Any] = {}
     for override in OverridesParser.create().parse_overrides(overrides):
         key = override.get_key_element().lstrip("+~")
-        if override.is_delete() or any(key == k or key.startswith(f"{k}.") for k in NOT_A_RECIPE):
+        if override.is_delete() or any(key == k or key.startswith((f"{k}.", f"{k}/")) for k in ("hydra", *exclude)):
             continue
         if key in groups:
             choices[key] = str(override.value())
@@ -493,21 +596,22 @@ def trial_params_text(params: dict[str, Any]) -> str:
                     for k, v in params.items())
 
 
-def trial_end_line(study: optuna.Study, number: int, n_trials: int, metric: str) -> str:
-    """'trial 3 (4/12) COMPLETE val/acc 0.9871 (best so far #1: 0.9890)', 'PRUNED at epoch 2 ...', 'FAIL: why'."""
-    trials = sweep.counted_trials(study)
+def trial_end_line(study: optuna.Study, number: int, n_trials: int, metric_names: list[str] | None) -> str:
+    """'trial 3 (4/12) COMPLETE val/acc 0.9871 (best so far #1: 0.9890)', 'PRUNED at step 2 ...', 'FAIL: why'."""
+    names = metric_names or ["value"] * len(study.directions)
+    trials = studies.counted_trials(study)
     trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
     done = sum(1 for t in trials if t.state.is_finished())
     head = f"trial {number} ({done}/{n_trials}) {trial.state.name}"
     if trial.state == TrialState.FAIL:
-        return f"{head}: {trial.user_attrs.get(sweep.FAIL_REASON_ATTR, 'no reason recorded')}"
+        return f"{head}: {trial.user_attrs.get(studies.FAIL_REASON_ATTR, 'no reason recorded')}"
     if trial.state == TrialState.PRUNED and trial.intermediate_values:
         step = max(trial.intermediate_values)
-        head += f" at epoch {step} {metric} {trial.intermediate_values[step]:.4f}"
+        head += f" at epoch {step} {names[0]} {trial.intermediate_values[step]:.4f}"
     elif trial.values:
-        head += " " + " ".join(f"{n} {v:.4f}" for n, v in zip(study.metric_names or [metric], trial.values))
-    best = sweep.best_trials(study)
-    if best and len(study.directions) == 1:
+        head += " " + " ".join(f"{n} {v:.4f}" for n, v in zip(names, trial.values))
+    best = results.best_trials(study)
+    if len(best) == 1 and len(study.directions) == 1:
         head += f" (best so far #{best[0].number}: {best[0].value:.4f})"
     return head
 

@@ -179,25 +179,41 @@ class RunRecorder:
     """One MLflow run. As a context manager it ends the run FINISHED, KILLED (Ctrl-C) or FAILED (any error)."""
 
     def __init__(self, client, experiment: str, run_name: str | None = None, parent_run_id: str | None = None,
-                 tags: Mapping[str, str] | None = None, finished_on: tuple[type, ...] = ()) -> None:
+                 tags: Mapping[str, str] | None = None, finished_on: tuple[type, ...] = (),
+                 run_id: str | None = None) -> None:
+        """A new run in `experiment`, or, with `run_id`, the run a sweeper made for this trial (which keeps its
+        name, experiment and nesting)."""
         self.client = client
         self.finished_on = finished_on  # exceptions that end the run FINISHED (a pruned trial), not FAILED
         all_tags = dict(tags or {})
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
-        run = retry_locked(lambda: client.create_run(experiment_id(client, experiment), run_name=run_name,
-                                                    tags=all_tags))
+        if run_id:
+            run = retry_locked(client.get_run, run_id)
+            self.set_tags_of(run.info.run_id, all_tags)
+        else:
+            run = retry_locked(lambda: client.create_run(experiment_id(client, experiment), run_name=run_name,
+                                                        tags=all_tags))
         self.run_id: str = run.info.run_id
         self.experiment_id: str = run.info.experiment_id
-        self.final_status: str | None = None  # set to override the status chosen on exit
+
+    def set_tags_of(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        retry_locked(self.client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    @classmethod
+    def attach(cls, client, run_id: str) -> "RunRecorder":
+        """Log to an existing run without changing its status (a study's parent run, while the sweep ends it)."""
+        rec = cls.__new__(cls)
+        run = client.get_run(run_id)
+        rec.client, rec.run_id, rec.experiment_id, rec.finished_on = client, run_id, run.info.experiment_id, ()
+        return rec
 
     @classmethod
     def resume(cls, client, run_id: str) -> "RunRecorder":
         """Reopen a run (a study's parent run on resume): RUNNING again until it is ended."""
-        rec = cls.__new__(cls)
-        run = client.get_run(run_id)
-        rec.client, rec.run_id, rec.experiment_id = client, run_id, run.info.experiment_id
-        rec.final_status, rec.finished_on = None, ()
+        rec = cls.attach(client, run_id)
         retry_locked(client.update_run, run_id, status="RUNNING")
         return rec
 
@@ -205,9 +221,7 @@ class RunRecorder:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.final_status:
-            status = self.final_status
-        elif exc_type is None or issubclass(exc_type, self.finished_on):
+        if exc_type is None or issubclass(exc_type, self.finished_on):
             status = "FINISHED"
         elif issubclass(exc_type, KeyboardInterrupt):
             status = "KILLED"

@@ -127,7 +127,7 @@ def recorded_study(tmp_path_factory) -> Path:
                       "model.dropout=interval(0.1,0.6)",
                       "optimizer.lr=choice(1e-6,1.0)", "hydra.sweeper.n_trials=3", "hydra/sweeper/sampler=random",
                       "hydra.sweeper.sampler.seed=0", f"hydra.sweeper.storage=sqlite:///{folder / 'optuna.db'}",
-                      "hydra.sweeper.study_name=tiny", f"hydra.sweeper.experiment_dir={folder / 'configs'}"],
+                      "hydra.sweeper.study_name=tiny", f"hydra.sweeper.best_config_dir={folder / 'configs'}"],
                      cwd=folder)
     assert result.returncode == 0, result.stderr[-3000:]
     return folder

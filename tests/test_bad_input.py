@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
 from conftest import FAST, REPO, mlflow_runs
-from mnist_sweep.__main__ import build_spec, train_and_record
+from mnist_sweep.__main__ import run_config
 from mnist_sweep.errors import DivergedError, UserError
 
 BAD_INPUTS = [
@@ -40,7 +40,7 @@ BAD_INPUTS = [
     ("MISSING_DATA", "MNIST not found"),
     ("model.channels=3", "Could not override 'model.channels'"),
     ("model=huge", "Could not find 'model/huge'"),
-    ("pruner=patient", "Could not find 'pruner/patient'"),
+    ("hydra/sweeper/pruner=patient", "Could not find 'hydra/sweeper/pruner/patient'"),
     ("hydra/sweeper/sampler=bayes", "Could not find 'hydra/sweeper/sampler/bayes'"),
 ]
 if not torch.cuda.is_available():
@@ -64,7 +64,7 @@ def test_bad_input_is_refused_before_mlflow_starts(tmp_path, mnist_root, overrid
         assert message in str(e)
         return
     with pytest.raises(UserError) as err:
-        train_and_record(cfg, build_spec(cfg))
+        run_config(cfg, {})
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "mlflow.db").exists()  # refused before the MLflow store was even opened
 
@@ -73,7 +73,7 @@ def test_a_diverging_run_is_recorded_failed_with_its_reason(tmp_path, mnist_root
     """A NaN loss shows only once training runs, inside the MLflow run: that run ends FAILED with the reason."""
     cfg = compose_cli(tmp_path, mnist_root, "optimizer.lr=1e12", "trainer.epochs=1")
     with pytest.raises(DivergedError, match="training diverged: the loss became NaN/inf"):
-        train_and_record(cfg, build_spec(cfg))
+        run_config(cfg, {})
     _, runs = mlflow_runs(tmp_path)
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "diverged" in runs[0].data.tags["end_reason"]

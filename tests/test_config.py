@@ -9,12 +9,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mnist_sweep.__main__ import _factory, build_spec
+from mnist_sweep.config import build_spec
 from mnist_sweep.errors import ConfigError
 from mnist_sweep.model import build_model
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ["model", "optimizer", "scheduler", "data", "trainer", "pruner", "experiment", "storage"]
+GROUPS = ["model", "optimizer", "scheduler", "data", "trainer", "experiment", "storage"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
@@ -37,9 +37,6 @@ def test_every_option_composes_and_builds(group, option):
     assert isinstance(optimizer, torch.optim.Optimizer)
     if spec.make_scheduler is not None:
         spec.make_scheduler(optimizer, 100)
-    make_pruner, _ = _factory(cfg.pruner, "pruner")  # as a sweep's job builds it (hyperband's max_resource='auto')
-    pruner = make_pruner() if make_pruner else optuna.pruners.NopPruner()
-    assert isinstance(pruner, optuna.pruners.BasePruner)
 
 
 SPACES = sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml") if p.stem != "none")
@@ -60,7 +57,7 @@ def test_every_search_space_composes_and_parses(space):
 
     cfg = compose_config(f"hparams_search={space}", hydra=True)
     sweeper = cfg.hydra.sweeper
-    assert sweeper._target_ == "mnist_sweep.sweeper.MnistOptunaSweeper" and sweeper.space_name == space
+    assert sweeper._target_ == "mnist_sweep.sweeper.OptunaPruningSweeper" and sweeper.space_name == space
     distributions, fixed, _ = create_params_from_overrides([f"{k}={v}" for k, v in sweeper.params.items()])
     assert len(distributions) >= 6
     for key in [*distributions, *fixed]:
@@ -147,3 +144,19 @@ def test_slurm_launcher_composes():
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert launcher.cpus_per_task == 4 and launcher.timeout_min == 60 and launcher.partition is None
     assert launcher.submitit_folder.endswith("/.submitit/%j")
+
+
+PRUNERS = sorted(p.stem for p in (CONF / "hydra" / "sweeper" / "pruner").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", PRUNERS)
+def test_every_pruner_option_builds_as_a_trial_builds_it(name):
+    """hydra/sweeper/pruner=<name> travels to each trial's job as JSON and is built there (hyperband's
+    max_resource='auto' is a string where Optuna takes one)."""
+    import json
+
+    from mnist_sweep.study import build_pruner
+
+    cfg = compose_config(f"hydra/sweeper/pruner={name}", hydra=True)
+    spec = json.dumps(OmegaConf.to_container(cfg.hydra.sweeper.pruner, resolve=True))
+    assert isinstance(build_pruner(spec), optuna.pruners.BasePruner)

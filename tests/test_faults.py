@@ -19,7 +19,7 @@ SPACE = ["~hparams_search", "model.dropout=interval(0.1,0.6)"]
 def sweep_args(tmp_path, mnist_root, storage: str, *extra: str) -> list[str]:
     return ["--multirun", *cli_args(tmp_path, mnist_root, "trainer.epochs=1", *SPACE),
             f"hydra.sweeper.storage='{storage}'", "hydra.sweeper.study_name=s",
-            f"hydra.sweeper.experiment_dir={tmp_path / 'configs'}", *extra]
+            f"hydra.sweeper.best_config_dir={tmp_path / 'configs'}", *extra]
 
 
 def test_a_read_only_storage_stops_the_sweep_and_keeps_its_trials(tmp_path, mnist_root):

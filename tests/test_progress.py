@@ -2,7 +2,7 @@
 
 import logging
 
-from mnist_sweep import __main__ as entry
+from mnist_sweep import run as entry
 
 
 def test_without_a_terminal_progress_is_a_plain_line_per_interval(monkeypatch, caplog):

@@ -37,7 +37,7 @@ def test_a_password_resolved_at_run_time_is_never_written_or_printed(tmp_path, m
     result = run_cli(["--multirun", *cli_args(tmp_path, mnist_root, "trainer.epochs=1"), "~hparams_search",
                       "model.dropout=interval(0.1,0.6)", "hydra.sweeper.n_trials=2", "hydra.sweeper.study_name=s",
                       f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
-                      f"hydra.sweeper.experiment_dir={tmp_path / 'configs'}",
+                      f"hydra.sweeper.best_config_dir={tmp_path / 'configs'}",
                       "+notes.replica='postgresql://bob:${oc.env:MNIST_TEST_SECRET}@replica/mnist'"],
                      cwd=tmp_path, env={"MNIST_TEST_SECRET": SECRET})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -67,7 +67,7 @@ def test_a_postgres_password_from_the_environment_stays_out_of_every_record(tmp_
     url = f"postgresql://{user}:${{oc.env:MNIST_TEST_SECRET}}@{host}/{name}"
     result = run_cli(["--multirun", *cli_args(tmp_path, mnist_root, "trainer.epochs=1"), "~hparams_search",
                       "model.dropout=interval(0.1,0.6)", "hydra.sweeper.n_trials=2", "hydra.sweeper.study_name=s",
-                      f"hydra.sweeper.experiment_dir={tmp_path / 'configs'}", "storage=postgres",
+                      f"hydra.sweeper.best_config_dir={tmp_path / 'configs'}", "storage=postgres",
                       f"storage.url='{url}'", "hydra/launcher=joblib", "hydra.sweeper.n_jobs=2"],
                      cwd=tmp_path, env={"MNIST_TEST_SECRET": SECRET})
     assert result.returncode == 0, result.stderr[-3000:]

@@ -21,7 +21,7 @@ SPACE = ["~hparams_search", "model.dropout=interval(0.1,0.6)", "optimizer.lr=tag
 def sweep_args(tmp_path, mnist_root, *extra):
     return ["--multirun", *cli_args(tmp_path, mnist_root, "trainer.epochs=1"),
             f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}", "hydra.sweeper.study_name=s",
-            f"hydra.sweeper.experiment_dir={tmp_path / 'configs'}", *extra]
+            f"hydra.sweeper.best_config_dir={tmp_path / 'configs'}", *extra]
 
 
 def load(tmp_path, name="s") -> optuna.Study:
@@ -59,7 +59,7 @@ def test_sweep_runs_its_trials_each_nested_under_one_parent(tmp_path, mnist_root
     assert results["best_value"] == pytest.approx(study.best_value)
     best = yaml.safe_load((tmp_path / "configs" / "experiment" / "s_best.yaml").read_text())
     assert best["model"]["dropout"] == pytest.approx(study.best_params["model.dropout"])
-    assert "python -m mnist_sweep experiment=s_best" in result.stdout + result.stderr
+    assert "mnist-sweep experiment=s_best" in result.stdout + result.stderr
     # what the user reads: one line per trial end, no internals, child runs named after their trials
     out = result.stdout + result.stderr
     assert "trial 2 (3/3) COMPLETE val/acc" in out and "best so far #" in out
@@ -115,7 +115,7 @@ def test_hopeless_trials_are_pruned_and_their_runs_say_so(tmp_path, mnist_root):
     # Random sampler, seed 0, draws lr = 1, 1e-6, 1, 1, 1e-6, 1e-6: the first hopeless trial meets a finished one
     result = run_cli(sweep_args(tmp_path, mnist_root, "~hparams_search", "optimizer.lr=choice(1e-6,1.0)",
                                 "trainer.epochs=3", "hydra.sweeper.n_trials=5", "hydra/sweeper/sampler=random",
-                                "hydra.sweeper.sampler.seed=0", "pruner.n_startup_trials=1"), cwd=tmp_path)
+                                "hydra.sweeper.sampler.seed=0", "hydra.sweeper.pruner.n_startup_trials=1"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     study, client, _, children = study_and_runs(tmp_path)
     pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
@@ -126,7 +126,7 @@ def test_hopeless_trials_are_pruned_and_their_runs_say_so(tmp_path, mnist_root):
     for t in pruned:
         run = runs[t.user_attrs["mlflow_run_id"]]
         assert run.data.tags["trial_state"] == "PRUNED" and run.info.status == "FINISHED"
-        assert "pruned after epoch" in run.data.tags["end_reason"]
+        assert "pruned at step" in run.data.tags["end_reason"]
         assert client.get_metric_history(run.info.run_id, "val/acc")  # keeps its curve up to the cut
     assert study.best_trial.params["optimizer.lr"] == 1.0
 
@@ -135,7 +135,7 @@ def test_hopeless_trials_are_pruned_and_their_runs_say_so(tmp_path, mnist_root):
 def test_other_pruners_run_a_study(tmp_path, mnist_root, pruner):
     result = run_cli(sweep_args(tmp_path, mnist_root, "~hparams_search", "optimizer.lr=choice(1e-6,1.0)",
                                 "trainer.epochs=2", "hydra.sweeper.n_trials=3", "hydra/sweeper/sampler=random",
-                                "hydra.sweeper.sampler.seed=0", f"pruner={pruner}"), cwd=tmp_path)
+                                "hydra.sweeper.sampler.seed=0", f"hydra/sweeper/pruner={pruner}"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     study = load(tmp_path)
     assert len(study.trials) == 3
@@ -146,7 +146,7 @@ def test_other_pruners_run_a_study(tmp_path, mnist_root, pruner):
 def test_joblib_launcher_runs_trials_in_parallel_processes_and_prunes(tmp_path, mnist_root):
     result = run_cli(sweep_args(tmp_path, mnist_root, "~hparams_search", "optimizer.lr=choice(1e-6,1.0)",
                                 "trainer.epochs=3", "hydra.sweeper.n_trials=6", "hydra/sweeper/sampler=random",
-                                "hydra.sweeper.sampler.seed=0", "pruner.n_startup_trials=1",
+                                "hydra.sweeper.sampler.seed=0", "hydra.sweeper.pruner.n_startup_trials=1",
                                 "hydra/launcher=joblib", "hydra.sweeper.n_jobs=2"), cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     study, _, parents, children = study_and_runs(tmp_path)
@@ -285,8 +285,6 @@ def test_a_plain_hydra_grid_runs_with_the_basic_sweeper(tmp_path, mnist_root):
 
 def test_a_job_that_returns_no_number_fails_its_trial_and_the_sweep_goes_on(tmp_path):
     """A foreign Hydra app on this sweeper whose task returns None or a string for some points."""
-    from conftest import REPO
-
     (tmp_path / "app.py").write_text(
         "import hydra\n"
         "@hydra.main(config_path='.', config_name='config')\n"
@@ -295,15 +293,12 @@ def test_a_job_that_returns_no_number_fails_its_trial_and_the_sweep_goes_on(tmp_
         "if __name__ == '__main__':\n"
         "    main()\n")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({
-        "defaults": [{"override hydra/sweeper": "mnist_optuna"}, {"override hydra/sweeper/sampler": "grid"},
+        "defaults": [{"override hydra/sweeper": "optuna_pruning"}, {"override hydra/sweeper/sampler": "grid"},
                      "_self_"],
-        "x": 1, "optimized_metric": "val/acc", "pruner": {"_target_": None},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "foreign",
-                   "registered_model": None},
-        "hydra": {"searchpath": [f"file://{REPO / 'conf'}"], "sweeper": {
-            "params": {"x": "choice(1,2,3)"}, "n_trials": 3, "max_failure_rate": 1.0, "study_name": "f",
-            "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "experiment_dir": str(tmp_path / "configs")},
-            "sweep": {"dir": str(tmp_path / "sweep")}}}))
+        "x": 1,
+        "hydra": {"sweeper": {"params": {"x": "choice(1,2,3)"}, "n_trials": 3, "max_failure_rate": 1.0,
+                              "study_name": "f", "storage": f"sqlite:///{tmp_path / 'optuna.db'}"},
+                  "sweep": {"dir": str(tmp_path / "sweep")}}}))
     import subprocess
     import sys
 
@@ -320,7 +315,7 @@ def test_a_job_that_returns_no_number_fails_its_trial_and_the_sweep_goes_on(tmp_
 
 @pytest.mark.parametrize("override, message", [
     ("hydra.sweeper.n_trials=abc", "error: hydra.sweeper.n_trials='abc' must be an integer"),
-    ("mlflow.experiment=''", "error: mlflow.experiment='' must be a non-empty name"),
+    ("mlflow.experiment=''", "error: hydra.sweeper.mlflow.experiment='' must be a non-empty name"),
 ])
 def test_bad_sweeper_settings_are_one_line(tmp_path, mnist_root, override, message):
     result = run_cli(sweep_args(tmp_path, mnist_root, *SPACE, override), cwd=tmp_path)

@@ -7,10 +7,10 @@ import yaml
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from mnist_sweep import sweep
+from mnist_sweep import results, study as sweep
 from mnist_sweep.errors import ConfigError
 from mnist_sweep.redact import has_literal_password, mask_secrets
-from mnist_sweep.sweeper import MnistOptunaSweeper, grid_choices, objective_values, recipe, retry_once
+from mnist_sweep.sweeper import OptunaPruningSweeper, check_settings, grid_choices, objective_values, recipe, retry_once
 
 
 
@@ -32,9 +32,13 @@ def sampler_config(name: str):
 SAMPLERS = [name for name in advertised_samplers() if name != "motpe"]  # motpe: a stub that says it was removed
 
 
-def sweeper(**settings) -> MnistOptunaSweeper:
+def sweeper(**settings) -> OptunaPruningSweeper:
     sampler = OmegaConf.create({"_target_": "optuna.samplers.RandomSampler", "seed": 0})
-    return MnistOptunaSweeper(sampler=sampler, **settings)
+    return OptunaPruningSweeper(sampler=sampler, **settings)
+
+
+SETTINGS = dict(n_trials=3, n_jobs=1, max_failure_rate=0.5, heartbeat_interval=None, grace_period=None,
+                direction="maximize")
 
 
 def test_the_command_line_wins_over_the_search_space_and_says_so(caplog):
@@ -71,7 +75,7 @@ def test_what_a_job_returns_becomes_values_or_a_reason(returned, n, expected):
 ])
 def test_bad_sweeper_settings_name_the_key_and_what_is_allowed(setting, value, message):
     with pytest.raises(ConfigError, match=None) as e:
-        sweeper(**{setting: value})._check_settings()
+        check_settings(**SETTINGS | {setting: value})
     assert message in str(e.value)
 
 
@@ -79,10 +83,11 @@ def test_the_best_recipe_is_unescaped_and_leaves_out_where_the_study_lives():
     overrides = ["optimizer=adamw", "model.dropout=0.25", r"data.root=/data/mnist\ v2", "storage=postgres",
                  "storage.url='postgresql://u@h/d'", "trainer.threads=1", "mlflow.tracking_uri=sqlite\\:///x.db",
                  "~hparams_search", "data.download=false"]
-    choices, values = recipe(overrides, {"optimizer", "storage", "model"})
+    choices, values = recipe(overrides, {"optimizer", "storage", "model"},
+                             ("storage", "mlflow", "hparams_search", "trainer.threads"))
     assert choices == {"optimizer": "adamw"}
     assert values == {"model.dropout": 0.25, "data.root": "/data/mnist v2", "data.download": False}
-    text = sweep.experiment_yaml(choices, values, "best trial 3")
+    text = results.experiment_yaml(choices, values, "best trial 3")
     assert yaml.safe_load(text) == {"defaults": [{"override /optimizer": "adamw"}],
                                     "model": {"dropout": 0.25}, "data": {"root": "/data/mnist v2", "download": False}}
     assert text.startswith("# @package _global_\n")
@@ -102,11 +107,11 @@ def test_a_grid_is_made_of_the_space_points_and_refuses_continuous_ranges():
 def test_every_advertised_sampler_builds_and_proposes_trials(name):
     """Each conf/hydra/sweeper/sampler option, built as the sweeper builds it, runs a few trials of a mixed space
     (cmaes needs the cmaes package, gp and qmc need scipy: all are dependencies)."""
-    s = MnistOptunaSweeper(sampler=sampler_config(name), n_trials=4)
-    s._check_settings()
+    s = OptunaPruningSweeper(sampler=sampler_config(name), n_trials=4)
     distributions, _ = s._search_space(["x=choice(1,2)", "y=range(0,3)"] if name == "grid" else
                                        ["x=interval(-1.0,1.0)", "y=range(0,3)", "z=choice(a,b)"])
-    sampler, n_trials = s._seeded_sampler(0, distributions)
+    sampler, grid_size = s._seeded_sampler(0, distributions)
+    n_trials = min(4, grid_size or 4)
     study = optuna.create_study(sampler=sampler, directions=["minimize", "minimize"] if name == "nsgaii" else None)
     for _ in range(n_trials):
         trial = study.ask()
@@ -116,9 +121,8 @@ def test_every_advertised_sampler_builds_and_proposes_trials(name):
 
 
 def test_the_removed_motpe_sampler_is_one_clear_error():
-    s = MnistOptunaSweeper(sampler=sampler_config("motpe"))
+    s = OptunaPruningSweeper(sampler=sampler_config("motpe"))
     with pytest.raises(ConfigError, match="motpe' sampler was removed in Optuna 4.0. Use 'hydra/sweeper/sampler=tpe'"):
-        s._check_settings()
         s._seeded_sampler(0, {})
 
 
@@ -132,7 +136,7 @@ def test_a_failing_sampler_leaves_no_trial_running(tmp_path):
     study = sweep.open_study(storage, "s", ["maximize"], BrokenSampler())
     space = {"x": optuna.distributions.FloatDistribution(0, 1)}
     with pytest.raises(ConfigError, match="sampler could not propose a trial: ImportError"):
-        sweep.claim_trials(study, 3, 1, lambda s: None, lambda t: sweep.suggest(t, space))
+        sweep.claim_trials(study, storage, 3, 1, lambda s: None, lambda t: sweep.suggest(t, space))
     (trial,) = study.trials
     assert trial.state == TrialState.FAIL and "somepackage" in trial.user_attrs["fail_reason"]
 
@@ -172,8 +176,22 @@ def test_a_written_out_password_is_told_apart_from_one_resolved_at_run_time():
 
 
 def test_the_trial_identity_travels_in_the_environment_without_the_storage_secret():
-    ref = sweep.TrialRef("postgresql://u:pw@h/d", "s", 3, "run1")
+    ref = sweep.TrialRef("postgresql://u:pw@h/d", "s", 3, '{"_target_": "optuna.pruners.MedianPruner"}')
     env = ref.job_env()
-    assert "pw" not in " ".join(env.values())
-    assert sweep.TrialRef.from_env({**env, sweep.STORAGE_ENV: ref.storage}) == ref
+    assert "pw" not in " ".join(env.values()) and sweep.STORAGE_ENV not in env
+    assert sweep.TrialRef.from_env({**env, **ref.sweep_env()}) == ref
     assert sweep.TrialRef.from_env({}) is None
+
+
+def test_outside_a_sweep_current_trial_reports_nowhere():
+    trial = sweep.current_trial({})
+    trial.report(0.5, step=1)  # no study, no error: the same training code runs alone
+    assert trial.number is None
+
+
+def test_a_pruner_spec_builds_only_optuna_pruners():
+    assert isinstance(sweep.build_pruner("{}"), optuna.pruners.NopPruner)
+    assert isinstance(sweep.build_pruner('{"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 2}'),
+                      optuna.pruners.MedianPruner)
+    with pytest.raises(ConfigError, match="is not allowed: use optuna.pruners"):
+        sweep.build_pruner('{"_target_": "os.system"}')

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from conftest import cli_args, free_port, mlflow_runs, run_cli
 from conftest import mlflow_server as start_mlflow_server
-from mnist_sweep import sweep
+from mnist_sweep import study as sweep
 
 PG = os.environ.get("MNIST_SWEEP_TEST_PG")
 needs_pg = pytest.mark.skipif(not PG, reason="no PostgreSQL: set MNIST_SWEEP_TEST_PG=postgresql://user@host:port "
@@ -55,7 +55,7 @@ def mlflow_server(tmp_path_factory):
 
 def worker_args(tmp_path, mnist_root, storage: str, name: str, *extra: str) -> list[str]:
     return ["--multirun", *cli_args(tmp_path, mnist_root, "trainer.epochs=1", *SPACE), f"storage.url={storage}",
-            "hydra.sweeper.study_name=s", f"hydra.sweeper.experiment_dir={tmp_path / 'configs'}",
+            "hydra.sweeper.study_name=s", f"hydra.sweeper.best_config_dir={tmp_path / 'configs'}",
             f"hydra.sweep.dir={tmp_path / 'outputs' / name}", *extra]
 
 
@@ -192,7 +192,9 @@ def test_two_sweeps_at_once_on_one_sqlite_file_share_the_budget(tmp_path, mnist_
 def test_pruning_judges_a_trial_against_other_workers_trials(tmp_path, backend):
     """Two trials reported by another process (another worker) make the median; this process's trial, worse at
     epoch 1, is pruned by it."""
-    from mnist_sweep.sweep import TrialRef, TrialReporter
+    import json
+
+    from mnist_sweep.study import TrialRef, TrialReport
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}" if backend == "sqlite" else new_database("pruning")
     other_worker = (f"import optuna; s = optuna.create_study(study_name='p', storage={url!r}, direction='maximize')\n"
@@ -201,12 +203,11 @@ def test_pruning_judges_a_trial_against_other_workers_trials(tmp_path, backend):
     subprocess.run([sys.executable, "-c", other_worker], check=True, timeout=60)
     study = optuna.load_study(study_name="p", storage=url)
     mine = study.ask()
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
-    reporter = TrialReporter(TrialRef(url, "p", mine.number), pruner, "val/acc", multi_objective=False)
+    pruner = json.dumps({"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 2, "n_warmup_steps": 0})
     with pytest.raises(optuna.TrialPruned):
-        reporter(1, {"val/acc": 0.5})
+        TrialReport(TrialRef(url, "p", mine.number, pruner)).report(0.5, step=1)
     better = study.ask()
-    TrialReporter(TrialRef(url, "p", better.number), pruner, "val/acc", multi_objective=False)(1, {"val/acc": 0.95})
+    TrialReport(TrialRef(url, "p", better.number, pruner)).report(0.95, step=1)  # better than the median: goes on
 
 
 class SilentServer:

@@ -1,10 +1,11 @@
-"""Optuna studies that resume, prune and survive crashes; no Hydra here (the sweeper plugin calls this).
+"""Optuna studies that resume, prune and survive crashes; no Hydra and no app here (the sweeper plugin and the
+app's jobs call this).
 
 The split of work:
-- the sweeper process opens the study (`open_study`), fails trials left RUNNING by a dead process, asks for
+- the sweeper process opens the study (`open_study`), fails trials left RUNNING by a dead process, claims
   trials, keeps their heartbeat while they train, and tells their final state;
-- each trial's job reports its validation metric per epoch (`TrialReporter`) to the same storage, so the
-  pruner can stop it, whether the job runs in the sweeper's process or in another one.
+- each trial's job finds its trial with `current_trial()` and reports its metric per step (`report`) to the
+  same storage, so the pruner can stop it, whether the job runs in the sweeper's process or in another one.
 
 Many sweeper processes (workers, on one machine or many) can share one study: they claim trials one at a time
 under a lock the storage's database or OS holds (`claim_trials`), so together they run exactly n_trials.
@@ -32,8 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import locks
 from .redact import mask_secrets
-from .errors import ConfigError
-from .train import METRIC_DIRECTIONS
+from .errors import ConfigError, one_line
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the MLflow parent run, reused on resume
 RUN_ID_ATTR = "mlflow_run_id"  # trial user attr: the trial's MLflow run
@@ -43,10 +43,11 @@ WORKER_ATTR = "worker"  # trial user attr: host:pid of the sweeper process that 
 # A trial's job finds its trial through environment variables, so the identity crosses into launcher processes
 # (joblib, SLURM) without entering the app's config. The storage URL may hold a password: it travels in the
 # sweeper process's own environment, which child processes inherit, never through Hydra's saved job config.
-STORAGE_ENV = "MNIST_SWEEP_STORAGE"  # Optuna storage URL of the study
-STUDY_ENV = "MNIST_SWEEP_STUDY"  # study name
-TRIAL_ENV = "MNIST_SWEEP_TRIAL"  # trial number within the study
-PARENT_RUN_ENV = "MNIST_SWEEP_PARENT_RUN"  # the study's MLflow run, which the trial's run nests under
+STORAGE_ENV = "OPTUNA_SWEEP_STORAGE"  # Optuna storage URL of the study
+STUDY_ENV = "OPTUNA_SWEEP_STUDY"  # study name
+TRIAL_ENV = "OPTUNA_SWEEP_TRIAL"  # trial number within the study
+PRUNER_ENV = "OPTUNA_SWEEP_PRUNER"  # the pruner as JSON: {"_target_": "optuna.pruners.MedianPruner", ...}
+PRUNER_TARGETS = "optuna.pruners."  # what PRUNER_ENV may build
 STUDY_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # a file name on every OS, no path parts
 CONNECT_TIMEOUT_S = 5  # a worker whose database does not answer in this many seconds stops with a clear error
 
@@ -56,11 +57,6 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 warnings.filterwarnings("ignore", message="Target and region quantiles select the same set of trials")
-
-
-def directions_for(metrics: Sequence[str]) -> list[str]:
-    """'maximize'/'minimize' for each optimized metric: the direction follows from the metric."""
-    return [METRIC_DIRECTIONS[m] for m in metrics]
 
 
 def study_name_for(space_name: str, search_space: dict[str, Any], fixed: Sequence[str]) -> str:
@@ -83,8 +79,8 @@ def shown_url(url: str) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def make_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30) -> RDBStorage:
-    """One RDBStorage per URL per process (engine creation is the slow part), with heartbeats so that a
+def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None) -> RDBStorage:
+    """One RDBStorage per URL per process (engine creation is the slow part). With heartbeats (seconds), a
     trial whose process died is failed and retried once instead of staying RUNNING forever.
 
     Opening it connects and creates the tables, so a database that is down fails here, before any training,
@@ -101,32 +97,26 @@ def make_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30)
         for attempt in range(3):
             try:  # a new database gets its tables here: one SQLite writer at a time, PostgreSQL workers retry
                 with locks.file_lock(database) if database else nullcontext():
-                    return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                                      grace_period=grace_period,
-                                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+                    beats = {} if not heartbeat_interval else dict(
+                        heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+                    return RDBStorage(url, engine_kwargs=engine_kwargs, **beats)
             except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
                 if attempt == 2:
                     raise
                 time.sleep(1)  # another worker is creating the same tables
     except Exception as e:
         raise ConfigError(f"Optuna storage {shown_url(url)!r} (hydra.sweeper.storage) could not be opened: "
-                          f"{first_line(e)}") from None
+                          f"{one_line(e)}") from None
 
 
-def first_line(e: BaseException) -> str:
-    """An exception as one line: its type and the first line of its message (drivers add pages of context)."""
-    if isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ is not None:
-        e = e.__cause__  # Optuna's wrapper of the database's error says less than the error itself
-    text = str(getattr(e, "orig", None) or e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def open_study(storage: RDBStorage, name: str, directions: list[str], sampler: optuna.samplers.BaseSampler,
-               pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
-    """Create or resume the study, then fail (and re-queue once) trials whose process stopped beating."""
+def open_study(storage: RDBStorage, name: str | None, directions: list[str],
+               sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+    """Create or resume the study, then fail (and re-queue once) trials whose process stopped beating. Pruning is
+    the jobs' business (`current_trial`): the sweeper's study never prunes."""
     try:
-        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
-                                    directions=directions, load_if_exists=True)
+        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=directions,
+                                    load_if_exists=True)
     except ValueError as e:  # e.g. resumed with other directions
         raise ConfigError(f"study {name!r}: {e}") from None
     optuna.storages.fail_stale_trials(study)
@@ -168,13 +158,12 @@ def running_count(study: optuna.Study) -> int:
 def claim_lock(storage: RDBStorage, study_name: str) -> ContextManager[None]:
     """A lock around 'count the budget, then claim trials', shared by every worker of a study.
 
-    PostgreSQL: an advisory lock; SQLite: a file lock beside the database (flock on Unix). Both are released when
-    their holder dies, so a SIGKILLed worker cannot block the others. Other databases get no lock (and a warning):
-    there workers can overshoot n_trials by a trial or two."""
-    storage = getattr(storage, "_backend", storage)  # a study's storage is Optuna's cache over the RDBStorage
+    PostgreSQL: an advisory lock; SQLite: a file lock beside the database. Both are released when their holder
+    dies, so a SIGKILLed worker cannot block the others. Other databases get no lock (and a warning): there workers
+    can overshoot n_trials by a trial or two."""
     url = storage.engine.url
     if url.get_backend_name() == "postgresql":
-        return locks.advisory_lock(storage.engine, f"mnist_sweep claim {study_name}")
+        return locks.advisory_lock(storage.engine, f"optuna sweep claim {study_name}")
     if url.get_backend_name() == "sqlite":
         database = locks.sqlite_file(url.render_as_string())
         return locks.file_lock(database) if database else nullcontext()
@@ -182,7 +171,13 @@ def claim_lock(storage: RDBStorage, study_name: str) -> ContextManager[None]:
     return nullcontext()
 
 
-def claim_trials(study: optuna.Study, n_trials: int, most: int, before_ask: Callable[[optuna.Study], None],
+def trial_id(storage: RDBStorage, study_name: str, number: int) -> int:
+    """The storage's id of a trial, through the storage's public lookups."""
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
+
+
+def claim_trials(study: optuna.Study, storage: RDBStorage, n_trials: int, most: int,
+                 before_ask: Callable[[optuna.Study], None],
                  prepare: Callable[[optuna.Trial], None]) -> list[optuna.Trial]:
     """Up to `most` trials of what is left of the study's budget, for this worker.
 
@@ -190,7 +185,7 @@ def claim_trials(study: optuna.Study, n_trials: int, most: int, before_ask: Call
     budget is counted, and each claimed trial gets its first heartbeat and is `prepare`d (its params suggested)
     before the next worker may count. A re-queued trial is claimed before a new one is created. When the sampler
     or `prepare` fails, the trials this call created are told FAIL with the reason: none is left RUNNING."""
-    with claim_lock(study._storage, study.study_name):
+    with claim_lock(storage, study.study_name):
         optuna.storages.fail_stale_trials(study)
         room = n_trials - budget_used(study)
         if room <= 0:
@@ -203,14 +198,16 @@ def claim_trials(study: optuna.Study, n_trials: int, most: int, before_ask: Call
             for _ in range(min(most, room)):
                 trial = study.ask()
                 batch.append(trial)
-                study._storage.record_heartbeat(trial._trial_id)
+                if storage.get_heartbeat_interval():
+                    storage.record_heartbeat(trial_id(storage, study.study_name, trial.number))
                 trial.set_user_attr(WORKER_ATTR, worker)
                 prepare(trial)
         except BaseException as e:
-            reason = f"the sampler could not propose a trial: {first_line(e)}"
+            reason = f"the sampler could not propose a trial: {one_line(e)}"
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 if t.number not in known:  # created by this call (ask may fail after creating its trial)
-                    study._storage.set_trial_user_attr(t._trial_id, FAIL_REASON_ATTR, reason)
+                    storage.set_trial_user_attr(trial_id(storage, study.study_name, t.number), FAIL_REASON_ATTR,
+                                                reason)
                     study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             if isinstance(e, Exception) and not isinstance(e, ConfigError):
                 raise ConfigError(f"hydra.sweeper.sampler: {reason}") from None
@@ -242,9 +239,13 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
 
 @contextmanager
 def heartbeat(storage: RDBStorage, trial_ids: Sequence[int]) -> Iterator[None]:
-    """Record the trials' heartbeats while their jobs run (ask/tell gives no heartbeat by itself)."""
+    """Record the trials' heartbeats while their jobs run (ask/tell gives no heartbeat by itself); nothing when
+    the storage has heartbeats off."""
+    interval = storage.get_heartbeat_interval()
+    if not interval:
+        yield
+        return
     stop = threading.Event()
-    interval = storage.get_heartbeat_interval() or 10
 
     def beat() -> None:
         while True:
@@ -273,122 +274,95 @@ def reseeded(sampler_seed: int | None, used: int) -> int | None:
 
 @dataclass(frozen=True)
 class TrialRef:
-    """What a trial's job needs to find its trial and its MLflow parent; crosses processes as environment
-    variables (`as_env`, `from_env`)."""
+    """What a trial's job needs to find its trial; crosses processes as environment variables."""
 
     storage: str
     study: str
     number: int
-    parent_run_id: str | None = None
+    pruner: str = "{}"  # JSON of the pruner's _target_ and arguments; {} never prunes
 
     def job_env(self) -> dict[str, str]:
         """The per-trial part, set in the job's environment by the launcher (no secret in it)."""
-        return {STUDY_ENV: self.study, TRIAL_ENV: str(self.number), PARENT_RUN_ENV: self.parent_run_id or ""}
+        return {STUDY_ENV: self.study, TRIAL_ENV: str(self.number)}
+
+    def sweep_env(self) -> dict[str, str]:
+        """The part shared by every trial of the sweep, set in the sweeper's own environment (the storage URL)."""
+        return {STORAGE_ENV: self.storage, PRUNER_ENV: self.pruner}
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "TrialRef | None":
         """The trial this process runs, or None outside a sweep."""
         if not env.get(TRIAL_ENV) or not env.get(STORAGE_ENV):
             return None
-        return cls(env[STORAGE_ENV], env[STUDY_ENV], int(env[TRIAL_ENV]), env.get(PARENT_RUN_ENV) or None)
+        return cls(env[STORAGE_ENV], env[STUDY_ENV], int(env[TRIAL_ENV]), env.get(PRUNER_ENV) or "{}")
 
 
-class TrialReporter:
-    """Reports a job's per-epoch metric to its Optuna trial and raises optuna.TrialPruned when the pruner says
-    stop. Multi-objective trials are not pruned (Optuna does not support it); they only record values."""
+def build_pruner(spec: str) -> optuna.pruners.BasePruner:
+    """A pruner from its JSON spec ({"_target_": "optuna.pruners.X", **arguments}); none: NopPruner."""
+    kwargs = json.loads(spec)
+    target = kwargs.pop("_target_", None)
+    kwargs.pop("_partial_", None)
+    if not target:
+        return optuna.pruners.NopPruner()
+    if not target.startswith(PRUNER_TARGETS):
+        raise ConfigError(f"hydra.sweeper.pruner._target_={target!r} is not allowed: use optuna.pruners.*")
+    try:
+        return getattr(optuna.pruners, target.removeprefix(PRUNER_TARGETS))(**kwargs)
+    except (AttributeError, TypeError, ValueError) as e:
+        raise ConfigError(f"hydra.sweeper.pruner: {target} could not be built: {e}") from None
 
-    def __init__(self, ref: TrialRef, pruner: optuna.pruners.BasePruner, metric: str, multi_objective: bool):
+
+class TrialReport:
+    """A job's link to its trial: `report(value, step)` each epoch (or any step), which raises optuna.TrialPruned
+    when the pruner says stop. Multi-objective trials are not pruned (Optuna cannot); they record the values."""
+
+    def __init__(self, ref: TrialRef) -> None:
         storage = make_storage(ref.storage)  # reports only: the sweeper keeps the heartbeat
-        study = optuna.load_study(study_name=ref.study, storage=storage, pruner=pruner)
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, ref.number)
+        study = optuna.load_study(study_name=ref.study, storage=storage, pruner=build_pruner(ref.pruner))
+        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(ref.study),
+                                                                   ref.number)
         self.trial = optuna.trial.Trial(study, trial_id)
-        self.metric = metric
-        self.multi_objective = multi_objective
-        self.last_epoch = 0
+        self.number = ref.number
+        self.study = ref.study
+        self.multi_objective = len(study.directions) > 1
 
-    def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
-        self.last_epoch = epoch
+    def report(self, value: float, step: int) -> None:
         if self.multi_objective:
-            self.trial.set_user_attr(f"epoch_{epoch}/{self.metric}", metrics[self.metric])
+            self.trial.set_user_attr(f"step_{step}", value)
             return
-        self.trial.report(metrics[self.metric], step=epoch)
+        self.trial.report(value, step=step)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned after epoch {epoch}: {self.metric}={metrics[self.metric]:.4f}")
+            raise optuna.TrialPruned(f"pruned at step {step}: value {value:.4g}")
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        self.trial.set_user_attr(key, value)
 
 
-def best_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The best trial (single objective) or the Pareto front; empty when nothing completed."""
-    completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    if not completed:
-        return []
-    return study.best_trials if len(study.directions) > 1 else [study.best_trial]
+class NoTrial:
+    """Outside a sweep: reports go nowhere, so the same code runs alone and as a trial."""
+
+    number = None
+    study = None
+
+    def report(self, value: float, step: int) -> None:
+        pass
+
+    def set_user_attr(self, key: str, value: Any) -> None:
+        pass
 
 
-def results_summary(study: optuna.Study) -> dict[str, Any]:
-    """optimization_results.yaml, in the shape the hydra-optuna-sweeper plugin writes it."""
-    best = best_trials(study)
-    if len(study.directions) > 1:
-        return {"name": "optuna", "solutions": [{"params": t.params, "values": t.values} for t in best]}
-    if not best:
-        return {"name": "optuna", "best_params": {}, "best_value": None}
-    return {"name": "optuna", "best_params": best[0].params, "best_value": best[0].value}
+def current_trial(env: Mapping[str, str] | None = None) -> TrialReport | NoTrial:
+    """The trial this process runs for the sweeper (`hydra/sweeper=optuna_pruning`), or a no-op outside a sweep.
+
+        trial = current_trial()
+        for epoch in range(1, epochs + 1):
+            ...
+            trial.report(val_acc, step=epoch)  # raises optuna.TrialPruned when the pruner says stop
+    """
+    ref = TrialRef.from_env(os.environ if env is None else env)
+    return NoTrial() if ref is None else _trial_report(ref)
 
 
-def experiment_yaml(choices: dict[str, str], values: dict[str, Any], comment: str) -> str:
-    """A `# @package _global_` experiment config that reproduces a trial: group choices ({'optimizer': 'adamw'})
-    go into the defaults list, values ({'model.dropout': 0.3}, already unescaped Python values) into the body."""
-    import yaml
-
-    body: dict[str, Any] = {}
-    for key, value in values.items():
-        node = body
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    lines = ["# @package _global_", f"# {comment}"]
-    if choices:
-        lines += ["defaults:"] + [f"  - override /{k}: {v}" for k, v in choices.items()]
-    text = yaml.safe_dump(body, sort_keys=True).strip() if body else ""
-    return "\n".join(lines + ([text] if text else [])) + "\n"
-
-
-def history_figures(study: optuna.Study) -> dict[str, Any]:
-    """Optuna's own matplotlib plots, as {artifact name: figure}; plots that need more trials are skipped."""
-    completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    if not completed:
-        return {}
-    from optuna.visualization import matplotlib as ovm
-
-    if len(study.directions) == 1:
-        plots = {"optimization_history.png": ovm.plot_optimization_history}
-        if len(completed) >= 2:
-            plots["param_importances.png"] = ovm.plot_param_importances
-    elif len(study.directions) <= 3:  # Optuna draws Pareto fronts of 2 or 3 objectives
-        plots = {"pareto_front.png": ovm.plot_pareto_front}
-    else:
-        plots = {}
-    return optuna_figures(study, plots)
-
-
-def optuna_figures(study: optuna.Study, plots: dict[str, Any], size: tuple[float, float] = (8, 5)) -> dict[str, Any]:
-    """{name: plot function of optuna.visualization.matplotlib} -> {name: figure}; a plot that cannot be drawn
-    (too few distinct values for importances, and the like) is left out."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figures: dict[str, Any] = {}
-    with matplotlib.rc_context():  # Optuna's plots switch the process to ggplot style: keep it to them
-        for name, plot in plots.items():
-            try:
-                ax = plot(study)
-                fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-                fig.set_size_inches(*size)
-                fig.tight_layout()
-                figures[name] = fig
-                plt.close(fig)
-            except Exception:
-                continue
-    return figures
+@functools.lru_cache(maxsize=4)
+def _trial_report(ref: TrialRef) -> TrialReport:
+    return TrialReport(ref)  # one per trial per process: loading the study is a database round trip

@@ -1,0 +1,133 @@
+"""The composed Hydra config as plain, checked dataclasses: with the entry point, the only reader of the app's
+DictConfig. Everything below takes what this module builds."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from .config_types import check_fields, check_numeric_kwargs, is_number, shown
+from .data import DataConfig
+from .errors import ConfigError
+from .model import ModelConfig
+from .train import METRIC_DIRECTIONS, RunSpec, TrainerConfig, check_metric_names
+
+
+@dataclass(frozen=True)
+class Recording:
+    """Where and how a run is recorded in MLflow (the `mlflow` section)."""
+
+    tracking_uri: str  # sqlite:///mlflow.db, or a tracking server's http(s) URL
+    experiment: str  # the MLflow experiment that holds the runs
+    run_name: str | None = None  # null: MLflow picks one (a sweep names its trials trial-<n>)
+    registered_model: str | None = None  # a sweep registers its best model under this name
+
+
+def metric_directions(metrics: Any) -> list[str]:
+    """optimized_metric -> the sweep's directions (val/acc maximize, losses and seconds minimize); the resolver
+    `${metric_directions:${optimized_metric}}` gives them to hydra.sweeper.direction."""
+    names = metric_names(metrics)
+    check_metric_names(names)
+    return [METRIC_DIRECTIONS[m] for m in names]
+
+
+def metric_names(metrics: Any) -> list[str]:
+    return [metrics] if isinstance(metrics, str) else list(metrics)
+
+
+OmegaConf.register_resolver("metric_directions", metric_directions, replace=True)
+OmegaConf.register_resolver("metric_names", metric_names, replace=True)
+
+
+def source_tree() -> Path | None:
+    """The checkout this code runs from (PYTHONPATH, `python -m` in the repo, an editable install); None when it
+    runs from an installed wheel."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "conf" / "config.yaml").is_file() else None
+
+
+SOURCE = source_tree()
+# A checkout reads its own conf/, so edits apply at once even when another copy is installed; an installed wheel
+# reads the copy it ships as the package mnist_sweep.conf.
+CONFIG_PATH = str(SOURCE / "conf") if SOURCE else "pkg://mnist_sweep.conf"
+TRUSTED_TARGETS = ("torch.optim.*", "optuna.pruners.*")  # what a config's _target_ may name
+
+
+def _section(cfg: DictConfig, key: str, cls: type) -> Any:
+    """cfg[key] as the dataclass `cls`; an unknown or mistyped key names itself."""
+    values = OmegaConf.to_container(cfg[key], resolve=True)
+    check_fields(cls, values, key)
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def _factory(node: DictConfig | None, key: str):
+    """A `_target_` node -> (callable building the object, interval); (None, 'epoch') when there is none."""
+    if node is None or node.get("_target_") is None:
+        return None, "epoch"
+    kwargs = OmegaConf.to_container(node, resolve=True)
+    interval = kwargs.pop("interval", "epoch")
+    try:
+        partial = hydra.utils.instantiate(kwargs, _execution_whitelist_=TRUSTED_TARGETS)
+    except Exception as e:
+        raise ConfigError(f"{key}._target_={node._target_!r} could not be built: {e}") from None
+    if isinstance(partial, functools.partial):
+        check_numeric_kwargs(partial.func, kwargs, key)
+    lr = kwargs.get("lr")
+    if key == "optimizer" and is_number(lr) and not lr > 0:  # torch takes lr=0 and trains nothing
+        raise ConfigError(f"optimizer.lr={lr} must be > 0: it scales every update")
+    if key == "scheduler":
+        wants_steps = "steps_per_epoch" in kwargs
+        return (lambda opt, steps: partial(opt, steps_per_epoch=steps) if wants_steps else partial(opt)), interval
+    return partial, interval
+
+
+def build_spec(cfg: DictConfig) -> RunSpec:
+    """The composed config as plain, validated dataclasses; raises ConfigError naming the bad key."""
+    metrics = cfg.optimized_metric
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    make_optimizer, _ = _factory(cfg.optimizer, "optimizer")
+    make_scheduler, interval = _factory(cfg.get("scheduler"), "scheduler")
+    return RunSpec(
+        model=_section(cfg, "model", ModelConfig),
+        data=_section(cfg, "data", DataConfig),
+        trainer=_section(cfg, "trainer", TrainerConfig),
+        make_optimizer=make_optimizer,
+        make_scheduler=make_scheduler,
+        scheduler_interval=interval,
+        optimized_metric=metrics,
+    )
+
+
+def build_recording(cfg: DictConfig) -> Recording:
+    """The mlflow section, checked before any MLflow call (an empty experiment name would fail only once the run
+    is being created)."""
+    mlflow = cfg.mlflow
+    for name, example in (("tracking_uri", "sqlite:///mlflow.db"), ("experiment", "mnist_sweep")):
+        value = mlflow.get(name)
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"mlflow.{name}={shown(value)} must be a non-empty string, e.g. "
+                              f"mlflow.{name}={example}")
+    return Recording(mlflow.tracking_uri, mlflow.experiment, mlflow.get("run_name"), mlflow.get("registered_model"))
+
+
+def compose_spec(overrides: list[str]) -> RunSpec:
+    """The RunSpec that `python -m mnist_sweep OVERRIDES` would train, for entry points that are not Hydra apps."""
+    from hydra import compose, initialize
+    from hydra.errors import HydraException
+
+    try:
+        with initialize(config_path=CONFIG_PATH):
+            cfg = compose("config", overrides=overrides)
+    except HydraException as e:
+        raise ConfigError(f"overrides {' '.join(overrides)}: {e}") from None
+    return build_spec(cfg)
+
+

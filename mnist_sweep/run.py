@@ -1,0 +1,112 @@
+"""One training run inside one MLflow run: prepare (fail fast), fit, evaluate, record. In a sweep, the same run
+reports each epoch to its Optuna trial, which may prune it."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any, Mapping
+
+import optuna
+
+from . import tracking
+from .config import SOURCE, Recording
+from .redact import mask_secrets
+from .study import current_trial
+from .train import RunSpec, confusion_matrix, evaluate, fit, objective_values, prepare
+
+log = logging.getLogger("mnist_sweep")
+
+
+def run_tags(device: str) -> dict[str, str]:
+    import torch
+
+    tags = {"device": device, "torch": torch.__version__}
+    commit = tracking.git_commit(SOURCE) if SOURCE else None  # an installed wheel has no commit of its own
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def format_epoch(epoch: int, epochs: int, m: dict[str, float]) -> str:
+    return (f"epoch {epoch}/{epochs}  train/loss {m['train/loss']:.4f}  val/loss {m['val/loss']:.4f}  "
+            f"val/acc {m['val/acc']:.4f}  lr {m['lr']:.3g}  {m['epoch_seconds']:.1f}s  "
+            f"{m['train/images_per_s']:,.0f} img/s")
+
+
+PROGRESS_EVERY_S = 30  # where stdout is no terminal (| tee, nohup, SLURM logs): a progress line this often
+
+
+def progress_bar(tty: bool, epochs: int, batch_size: int):
+    """Progress within an epoch: a tqdm bar on a terminal, counting images so the rate reads img/s; elsewhere a
+    plain log line every PROGRESS_EVERY_S seconds, which log files keep readable."""
+    if tty:
+        from tqdm import tqdm
+
+        def bar(batches, epoch):
+            return tqdm(batches, total=len(batches), desc=f"epoch {epoch}/{epochs}", leave=False,
+                        unit="img", unit_scale=batch_size, dynamic_ncols=True, file=sys.stdout)
+
+        return bar
+
+    def lines(batches, epoch):
+        start = last = time.perf_counter()
+        for i, batch in enumerate(batches, 1):
+            yield batch
+            now = time.perf_counter()
+            if now - last >= PROGRESS_EVERY_S and i < len(batches):
+                last = now
+                log.info(f"epoch {epoch}/{epochs}  {100 * i / len(batches):.0f}%  "
+                         f"{i * batch_size / (now - start):,.0f} img/s")
+
+    return lines
+
+
+def train_and_record(spec: RunSpec, recording: Recording, params: Mapping[str, Any], config_yaml: str,
+                     env: Mapping[str, str]) -> tuple[list[float], str]:
+    """Prepare (fail fast), then train inside one MLflow run; returns (objective values, run id).
+
+    `params` (flat) and `config_yaml` are the resolved config as recorded, secrets masked here. In a sweep (`env`
+    holds the trial, see study.current_trial) every epoch is reported to the trial, which may prune it, and the
+    run is the one the sweeper made for the trial (MLFLOW_RUN_ID)."""
+    prepared = prepare(spec)
+    for warning in prepared.warnings:
+        log.warning(warning)
+    trial = current_trial(env)
+    client = tracking.make_client(recording.tracking_uri)
+    tags = run_tags(str(prepared.device)) | tracking.source_tags()
+    run_id = env.get("MLFLOW_RUN_ID") if trial.number is not None else None
+    with tracking.RunRecorder(client, recording.experiment, recording.run_name, tags=tags, run_id=run_id,
+                              finished_on=(optuna.TrialPruned,)) as rec:  # a pruned run is complete as far as it went
+        rec.log_params({k: mask_secrets(str(v)) for k, v in params.items()})
+        tracking.log_dataset(client, rec.run_id, spec.data, prepared.splits)
+        rec.log_text(mask_secrets(config_yaml), "config.yaml")
+        rec.log_metrics({"model/params": prepared.num_params}, step=0)
+
+        def epoch_end(epoch: int, metrics: dict[str, float]) -> None:
+            rec.log_metrics(metrics, step=epoch)
+            log.info(format_epoch(epoch, spec.trainer.epochs, metrics))
+            trial.report(metrics[spec.optimized_metric[0]], step=epoch)
+
+        bar = progress_bar(sys.stdout.isatty(), spec.trainer.epochs, spec.data.batch_size)
+        start = time.perf_counter()
+        history = fit(prepared, epoch_end, bar)
+        fit_seconds = time.perf_counter() - start
+        test, pred, label = evaluate(prepared, prepared.splits.test)
+        rec.log_metrics({"test/acc": test["acc"], "test/loss": test["loss"], "time/fit_seconds": fit_seconds,
+                         "time/test_seconds": time.perf_counter() - start - fit_seconds}, step=spec.trainer.epochs)
+        rec.log_model_weights(prepared.model, spec.model)
+        rec.log_figure(tracking.confusion_figure(confusion_matrix(pred, label),
+                                                 f"test set: accuracy {test['acc']:.4f}"), "confusion_matrix.png")
+        values = objective_values(history, prepared.num_params, spec.optimized_metric)
+        log.info(f"val/acc {history[-1]['val/acc']:.4f}  test/acc {test['acc']:.4f}  "
+                 f"({', '.join(f'{n} {v:.4g}' for n, v in zip(spec.optimized_metric, values))} optimized)")
+        if trial.number is None:  # a sweep's trials: the study's lines say where its runs are
+            uri = mask_secrets(recording.tracking_uri)
+            log.info(f"MLflow run {rec.run_id} in experiment {recording.experiment!r} at {uri}. "
+                     f"See it with: mlflow ui --backend-store-uri {uri}  (then open "
+                     f"http://127.0.0.1:5000/#/experiments/{rec.experiment_id}/runs/{rec.run_id})")
+    return values, rec.run_id
+
+
