@@ -219,10 +219,6 @@ class TensorBatches:
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
 
-    @property
-    def num_images(self) -> int:
-        return len(self.labels)
-
     def epoch_order(self) -> Tensor:
         n = len(self.labels)
         return torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)

@@ -189,7 +189,6 @@ class RunRecorder:
                                                     tags=all_tags))
         self.run_id: str = run.info.run_id
         self.experiment_id: str = run.info.experiment_id
-        self.final_status: str | None = None  # set to override the status chosen on exit
 
     @classmethod
     def resume(cls, client, run_id: str) -> "RunRecorder":
@@ -197,7 +196,7 @@ class RunRecorder:
         rec = cls.__new__(cls)
         run = client.get_run(run_id)
         rec.client, rec.run_id, rec.experiment_id = client, run_id, run.info.experiment_id
-        rec.final_status, rec.finished_on = None, ()
+        rec.finished_on = ()
         retry_locked(client.update_run, run_id, status="RUNNING")
         return rec
 
@@ -205,9 +204,7 @@ class RunRecorder:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.final_status:
-            status = self.final_status
-        elif exc_type is None or issubclass(exc_type, self.finished_on):
+        if exc_type is None or issubclass(exc_type, self.finished_on):
             status = "FINISHED"
         elif issubclass(exc_type, KeyboardInterrupt):
             status = "KILLED"
