@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, one_line
 from .model import NUM_CLASSES
 
 LOADERS = ("memory", "classic")
@@ -125,21 +125,21 @@ def _torchvision_mnist(root: str, train: bool, download: bool, transform=None):
         missing = [f for f in RAW_FILES if not (raw / f).is_file()]
         if missing:
             how = "download failed" if download else "data.download=false"
-            why = _first_line(e)
+            why = one_line(e, typed=False)  # torchvision's RuntimeError: its text says it all
             if isinstance(e, TimeoutError):
                 why = f"a mirror sent nothing for {DOWNLOAD_TIMEOUT_S:g} s: {why}"
             raise DataError(f"MNIST not found: {raw} lacks {', '.join(missing)} ({how}: {why}). {fix}") from None
         header = _header_problem(raw)
         if header:
             raise DataError(header) from None
-        raise DataError(f"MNIST files under {raw} could not be read ({_first_line(e)}). They may be truncated "
+        raise DataError(f"MNIST files under {raw} could not be read ({one_line(e)}). They may be truncated "
                         f"or corrupt: compare their md5 with the official ones, or delete them and download "
                         f"again. {fix}") from None
     except Exception as e:  # parsing errors from torchvision's IDX reader (AssertionError, ValueError, ...)
         header = _header_problem(raw)
         if header:
             raise DataError(header) from None
-        raise DataError(f"MNIST files under {raw} could not be parsed ({type(e).__name__}: {_first_line(e)}). "
+        raise DataError(f"MNIST files under {raw} could not be parsed ({one_line(e)}). "
                         f"They may be truncated or corrupt: delete them and download again. {fix}") from None
 
 
@@ -182,12 +182,6 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
         socket.setdefaulttimeout(previous)
 
 
-def _first_line(e: BaseException) -> str:
-    """The exception's text on one line, shortened: enough to say why, not a traceback."""
-    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
-    return text if len(text) < 300 else text[:297] + "..."
-
-
 def split_indices(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
     """A seeded random split of range(n) into (train, val) index sets."""
     if not 0 < val_size < n:
@@ -218,10 +212,6 @@ class TensorBatches:
 
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
-
-    @property
-    def num_images(self) -> int:
-        return len(self.labels)
 
     def epoch_order(self) -> Tensor:
         n = len(self.labels)

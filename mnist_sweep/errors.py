@@ -30,11 +30,30 @@ class Terminated(KeyboardInterrupt):
     re-run once on resume, and the process exits 143. A KeyboardInterrupt, so every Ctrl-C path applies."""
 
 
-def one_line(e: BaseException) -> str:
-    """An exception as one line: its type and the first line of its message (drivers add pages of context); the
-    database's own error where a wrapper (Optuna's StorageInternalError, SQLAlchemy's .orig) hides it."""
-    if e.__cause__ is not None and type(e).__name__ == "StorageInternalError":
+MAX_LINE = 300  # characters of an exception shown inside a message: enough to say why, never a page
+
+# Exceptions that only wrap another one (their __cause__), which says more than the wrapper. Named, not imported,
+# so that this module needs neither Optuna nor a database driver.
+WRAPPERS = ("optuna.exceptions.StorageInternalError",)
+
+
+def one_line(e: BaseException, *, typed: bool = True) -> str:
+    """An exception as one line for a person: `Type: first line of the message`, at most MAX_LINE characters.
+
+    Drivers add pages of context (SQL, links) after the first line, so it is the one kept; but a line that ends
+    with ':' introduces the next one and keeps it (torchvision: "Error downloading x:", "Tried <mirror>, got:",
+    then the reason). A wrapper's cause, and the driver's error a SQLAlchemy error holds in `.orig`, say what went
+    wrong: their text is used. typed=False leaves out the type where it tells a user nothing; an empty message
+    gives the type's name alone."""
+    if e.__cause__ is not None and any(f"{c.__module__}.{c.__qualname__}" in WRAPPERS for c in type(e).__mro__):
         e = e.__cause__
-    text = str(getattr(e, "orig", None) or e).strip()
-    first = text.splitlines()[0] if text else ""
-    return f"{type(e).__name__}: {first[:300]}"
+    orig = getattr(e, "orig", None)
+    kept: list[str] = []
+    for line in filter(None, map(str.strip, str(orig if isinstance(orig, BaseException) else e).splitlines())):
+        if kept and not kept[-1].endswith(":"):
+            break
+        kept.append(line)
+    text = " ".join(kept)
+    if typed or not text:
+        text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= MAX_LINE else text[:MAX_LINE - 3] + "..."

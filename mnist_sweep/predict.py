@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import tracking
-from .errors import UserError
+from .errors import UserError, one_line
 from .model import IMAGE_SIZE
 
 DIGIT_BOX = 20  # MNIST scales each digit's bounding box into 20x20 before centring it in 28x28
@@ -128,6 +128,7 @@ def load_model(client, run_id: str | None, model_name: str | None, storage: str)
         return LoadedModel(*tracking.load_registered_model(client, model_name, version.version),
                            source=f"models:/{model_name}/{version.version}")
     from .report import best_trial, open_existing_study
+    from .study import RUN_ID_ATTR
 
     try:
         study = open_existing_study(storage, None)
@@ -135,9 +136,9 @@ def load_model(client, run_id: str | None, model_name: str | None, storage: str)
         raise UserError(f"no registered model {model_name!r} in the MLflow registry and no study to take the best "
                         f"trial from ({e}); pass --run-id") from None
     best = best_trial(study)
-    if best is None or not best.user_attrs.get("mlflow_run_id"):
+    if best is None or not best.user_attrs.get(RUN_ID_ATTR):
         raise UserError(f"study {study.study_name!r} has no completed trial with an MLflow run; pass --run-id")
-    return _run_model(client, best.user_attrs["mlflow_run_id"],
+    return _run_model(client, best.user_attrs[RUN_ID_ATTR],
                       f"best trial #{best.number} of study {study.study_name}")
 
 
@@ -147,7 +148,7 @@ def _run_model(client, run_id: str, source: str) -> LoadedModel:
     try:
         return LoadedModel(tracking.load_model(client, run_id), *tracking.normalization(client, run_id), source)
     except (MlflowException, OSError, KeyError) as e:
-        raise UserError(f"MLflow run {run_id!r} has no loadable model ({str(e).splitlines()[0]})") from None
+        raise UserError(f"MLflow run {run_id!r} has no loadable model ({one_line(e)})") from None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

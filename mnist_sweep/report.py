@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import results, study as studies, tracking
 from .data import default_root, load_mnist, normalize
-from .errors import ConfigError, UserError
+from .errors import ConfigError, UserError, one_line
 from .locks import sqlite_file
 from .train import confusion_matrix
 
@@ -262,7 +262,7 @@ def evaluate_run_model(client, run_id: str, data_root: str) -> tuple[dict[str, f
         mean, std = tracking.normalization(client, run_id)
     except (MlflowException, OSError, KeyError) as e:
         raise UserError(f"the best trial's model (MLflow run {run_id}) could not be loaded from "
-                        f"{client.tracking_uri}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}; "
+                        f"{client.tracking_uri}: {one_line(e)}; "
                         "pass --no-model to report without it") from None
     arrays = load_mnist(data_root, download=False)
     probs = predict_batches(model, normalize(arrays.test_images, mean, std, torch.device("cpu")))
@@ -288,7 +288,8 @@ def write_report(study: optuna.Study, client, out: Path, data_root: str | None, 
     Returns (leaderboard rows, metric names, facts, paths of the written files)."""
     parent_id = study.user_attrs.get(studies.PARENT_RUN_ATTR)
     parent = parent_run(client, parent_id, study.study_name) if parent_id else None
-    metrics = [m for m in (parent.data.params.get("optimized_metric", "") if parent else "").split(",") if m]
+    objectives = parent.data.params.get(tracking.OPTIMIZED_METRIC_PARAM, "") if parent else ""
+    metrics = [m for m in objectives.split(",") if m]
     if len(metrics) != len(study.directions):
         metrics = [f"objective {i}" for i in range(len(study.directions))]
     rows = leaderboard(study, top)
@@ -302,7 +303,7 @@ def write_report(study: optuna.Study, client, out: Path, data_root: str | None, 
     if best is not None:
         facts["best trial"] = f"#{best.number}: " + ", ".join(f"{m} {_fmt(v)}" for m, v in zip(metrics, best.values))
         facts["best params"] = ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items())
-        run_id = best.user_attrs.get("mlflow_run_id")
+        run_id = best.user_attrs.get(studies.RUN_ID_ATTR)
         if run_id and data_root is not None:
             scores, model_figs = evaluate_run_model(client, run_id, data_root)
             facts["best model on the test set"] = (f"accuracy {scores['test/acc']:.4f} "

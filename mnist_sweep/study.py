@@ -38,6 +38,7 @@ from .errors import ConfigError, one_line
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the MLflow parent run, reused on resume
 RUN_ID_ATTR = "mlflow_run_id"  # trial user attr: the trial's MLflow run
 FAIL_REASON_ATTR = "fail_reason"  # trial user attr: why a trial failed
+END_REASON_ATTR = "end_reason"  # trial user attr: why a trial ended early without failing (pruned)
 OVERRIDES_ATTR = "overrides"  # trial user attr: the command-line overrides that reproduce the trial
 WORKER_ATTR = "worker"  # trial user attr: host:pid of the sweeper process that claimed the trial
 # A trial's job finds its trial through environment variables, so the identity crosses into launcher processes

@@ -55,10 +55,6 @@ from .redact import mask_secrets
 log = logging.getLogger("optuna_pruning")
 SAMPLER_TARGETS = ("optuna.samplers.*", "hydra_plugins.hydra_optuna_sweeper.*")
 SIGNIFICANT_DIGITS = 4  # floats in the trial lines printed to the user
-TRIAL_STATE_TAG = "trial_state"  # MLflow tag of a trial's run: COMPLETE, PRUNED or FAIL
-TRIAL_NUMBER_TAG = "trial_number"  # MLflow tag of a trial's run
-STUDY_TAG = "study"  # MLflow tag of the parent and the trials' runs
-KIND_TAG = "kind"  # MLflow tag: "study" on a study's parent run
 RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED", TrialState.FAIL: "FAILED"}
 
 
@@ -337,7 +333,7 @@ class OptunaPruningSweeper(Sweeper):
               run_status: str | None = None) -> None:
         """Tell the trial's end to the study and to its MLflow run; a job that stopped the sweep stops it here."""
         if reason:
-            trial.set_user_attr(studies.FAIL_REASON_ATTR if state == TrialState.FAIL else "end_reason",
+            trial.set_user_attr(studies.FAIL_REASON_ATTR if state == TrialState.FAIL else studies.END_REASON_ATTR,
                                 mask_secrets(reason)[:2000])
         try:
             study.tell(trial, values=values, state=state, skip_if_finished=True)
@@ -346,7 +342,7 @@ class OptunaPruningSweeper(Sweeper):
                 raise
         run_id = trial.user_attrs.get(studies.RUN_ID_ATTR)
         if self.client is not None and run_id:
-            self.client.set_tag(run_id, TRIAL_STATE_TAG, state.name)
+            self.client.set_tag(run_id, tracking.TRIAL_STATE_TAG, state.name)
             if self.client.get_run(run_id).info.status == "RUNNING":  # the job did not end it (or died)
                 tracking.retry_locked(self.client.set_terminated, run_id, status=run_status or RUN_STATUS[state])
 
@@ -376,11 +372,12 @@ class OptunaPruningSweeper(Sweeper):
             tracking.retry_locked(self.client.set_terminated, parent_id, status=status)
 
     def _new_parent_run(self, study, distributions: dict, directions: list[str]) -> str:
-        rec = tracking.RunRecorder(self.client, self.mlflow.get("experiment") or "Default", run_name=study.study_name,
-                                   tags={STUDY_TAG: study.study_name, KIND_TAG: "study"} | tracking.source_tags())
+        tags = {tracking.STUDY_TAG: study.study_name, tracking.KIND_TAG: tracking.STUDY_KIND} | tracking.source_tags()
+        rec = tracking.RunRecorder(self.client, self.mlflow["experiment"], run_name=study.study_name, tags=tags)
         rec.log_params({"study": study.study_name, "sampler": type(study.sampler).__name__,
                         "pruner": json.loads(self.pruner_spec).get("_target_") or "none",
                         "storage": mask_secrets(str(self.storage_url)), "directions": ",".join(directions),
+                        tracking.OPTIMIZED_METRIC_PARAM: ",".join(self.metric_names or ["value"]),
                         **{f"space.{k}": repr(v) for k, v in distributions.items()}})
         study.set_user_attr(studies.PARENT_RUN_ATTR, rec.run_id)
         return rec.run_id
@@ -391,8 +388,8 @@ class OptunaPruningSweeper(Sweeper):
             return None
         parent = self.client.get_run(parent_id)
         run = tracking.retry_locked(self.client.create_run, parent.info.experiment_id, run_name=f"trial-{trial.number}",
-                                    tags={tracking.PARENT_TAG: parent_id, TRIAL_NUMBER_TAG: str(trial.number),
-                                          STUDY_TAG: study.study_name})
+                                    tags={tracking.PARENT_TAG: parent_id, tracking.TRIAL_NUMBER_TAG: str(trial.number),
+                                          tracking.STUDY_TAG: study.study_name})
         return run.info.run_id
 
     def _close_orphan_runs(self, study, parent_id: str | None) -> None:
@@ -405,9 +402,9 @@ class OptunaPruningSweeper(Sweeper):
         runs = tracking.child_runs(self.client, parent_id, status="RUNNING")
         running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         for run in runs:
-            if int(run.data.tags.get(TRIAL_NUMBER_TAG, -1)) not in running and \
+            if int(run.data.tags.get(tracking.TRIAL_NUMBER_TAG, -1)) not in running and \
                     self.client.get_run(run.info.run_id).info.status == "RUNNING":
-                self.client.set_tag(run.info.run_id, TRIAL_STATE_TAG, "FAIL")
+                self.client.set_tag(run.info.run_id, tracking.TRIAL_STATE_TAG, "FAIL")
                 self.client.set_terminated(run.info.run_id, status="KILLED")
 
     # -- the end of an invocation ------------------------------------------------------------------------------

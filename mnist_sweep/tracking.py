@@ -26,14 +26,22 @@ import torch
 
 from .data import DataConfig, Splits, load_mnist
 from .data import digest as data_digest
-from .errors import ConfigError, UserError
+from .errors import ConfigError, UserError, one_line
 from .locks import file_lock, sqlite_file
 from .model import IMAGE_SIZE, NUM_CLASSES, ModelConfig, build_model
 
 WEIGHTS_FILE = "model/weights.pt"
 MODEL_CONFIG_FILE = "model/model_config.json"
 LOGGED_MODEL_NAME = "model"  # the name of the MLflow Logged Model a registration creates from a run
-PARENT_TAG = "mlflow.parentRunId"
+# Tags and params that several modules write or read: one name each
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's nesting: the parent run's id on a child run
+STUDY_TAG = "study"  # the Optuna study's name, on its parent run and on every trial's run
+KIND_TAG = "kind"  # what a run is: STUDY_KIND on a study's parent run
+STUDY_KIND = "study"
+TRIAL_NUMBER_TAG = "trial_number"  # a trial's run: the Optuna trial number
+TRIAL_STATE_TAG = "trial_state"  # a trial's run: the Optuna state the trial ended in (COMPLETE, PRUNED, FAIL)
+END_REASON_TAG = "end_reason"  # a run ended by an exception: `Type: message`
+OPTIMIZED_METRIC_PARAM = "optimized_metric"  # a study's parent run: its objectives, comma-separated
 REGISTERED_MODEL_DESCRIPTION = ("The best trial of an mnist_sweep study: logits of the 10 digits for (N, 1, 28, 28) "
                                 "images normalized with the metadata's input_mean and input_std")
 
@@ -79,7 +87,7 @@ def make_client(tracking_uri: str):
             return MlflowClient(tracking_uri=tracking_uri)
     except Exception as e:
         raise ConfigError(f"MLflow tracking store {tracking_uri!r} (mlflow.tracking_uri) could not be opened: "
-                          f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+                          f"{one_line(e)}") from None
 
 
 def existing_client(tracking_uri: str, option: str = "--tracking-uri"):
@@ -228,7 +236,7 @@ class RunRecorder:
         else:
             status = "FAILED"
         if exc is not None:
-            self.set_tags({"end_reason": f"{type(exc).__name__}: {exc}"[:5000]})
+            self.set_tags({END_REASON_TAG: f"{type(exc).__name__}: {exc}"[:5000]})
         retry_locked(self.client.set_terminated, self.run_id, status=status)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -351,7 +359,7 @@ def load_registered_model(client, name: str, version: str) -> tuple[torch.nn.Mod
             mean, std = float(meta["input_mean"]), float(meta["input_std"])
         except Exception as e:  # missing version or files, a truncated file, no metadata: all the same to a user
             raise UserError(f"models:/{name}/{version} (tracking URI {client.tracking_uri}) could not be loaded: "
-                            f"{_one_line(e)}; register it again (run the sweep) or pass --run-id") from None
+                            f"{one_line(e)}; register it again (run the sweep) or pass --run-id") from None
     return net, mean, std
 
 
@@ -402,11 +410,6 @@ def _quiet_transfers() -> Iterator[None]:
     finally:
         if before is None:
             os.environ.pop(PROGRESS_BAR_VAR, None)
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
-    return text if len(text) < 300 else text[:297] + "..."
 
 
 def latest_model_version(client, name: str):

@@ -252,14 +252,16 @@ def evaluate(p: Prepared, batches: Iterable) -> tuple[dict[str, float], Tensor, 
     return {"loss": (loss_sum / n).item(), "acc": (pred == label).float().mean().item()}, pred, label
 
 
-EpochCallback = Callable[[int, dict[str, float]], None]
+EpochCallback = Callable[[int, dict[str, float]], bool | None]  # True: stop after this epoch
 
 
 def fit(p: Prepared, on_epoch_end: EpochCallback | None = None,
         progress: Callable[[Iterable, int], Iterable] | None = None) -> list[dict[str, float]]:
     """Train for trainer.epochs; after each epoch call on_epoch_end(epoch, metrics). Returns the history.
 
-    The callback may raise (a pruner stopping a trial, Ctrl-C); the history so far was already handed to it.
+    A callback that returns True stops training there (a target reached); the history ends at that epoch. Only
+    True counts, so a callback that happens to return something else cannot end a run early. The callback may also
+    raise (a pruner stopping a trial, Ctrl-C); the history so far was already handed to it.
     """
     history = []
     for epoch in range(1, p.spec.trainer.epochs + 1):
@@ -270,8 +272,8 @@ def fit(p: Prepared, on_epoch_end: EpochCallback | None = None,
         if p.scheduler is not None and p.spec.scheduler_interval == "epoch":
             p.scheduler.step()
         history.append(metrics)
-        if on_epoch_end:
-            on_epoch_end(epoch, metrics)
+        if on_epoch_end and on_epoch_end(epoch, metrics) is True:
+            break
     return history
 
 

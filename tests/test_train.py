@@ -44,6 +44,14 @@ def test_fit_reports_every_metric_each_epoch_and_learns(mnist_root):
     assert test["acc"] > 0.8 and len(pred) == len(label) == 300
 
 
+def test_a_callback_returning_true_stops_training_after_that_epoch(mnist_root):
+    seen = []
+    history = fit(prepare(spec_for(mnist_root, epochs=3)), lambda epoch, m: seen.append(epoch) or epoch == 2)
+    assert seen == [1, 2] and len(history) == 2
+    # only True stops: a callback that returns some other truthy value by accident trains every epoch
+    assert len(fit(prepare(spec_for(mnist_root, epochs=2)), lambda epoch, m: [m])) == 2
+
+
 def test_same_seed_same_result(mnist_root):
     a = fit(prepare(spec_for(mnist_root, epochs=1)))
     b = fit(prepare(spec_for(mnist_root, epochs=1)))
