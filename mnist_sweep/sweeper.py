@@ -37,12 +37,12 @@ import optuna
 import sqlalchemy
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, Transformer
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import get_method, instantiate
-from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 from omegaconf import MISSING, DictConfig, OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -205,6 +205,9 @@ class OptunaPruningSweeper(Sweeper):
         os.environ.update(ref.sweep_env())  # the jobs' way to the study: inherited, never saved (see study.py)
         if self.client is not None:  # for a plain mlflow.start_run() in the job, with MLFLOW_RUN_ID per trial
             os.environ["MLFLOW_TRACKING_URI"] = self.mlflow["tracking_uri"]
+            # mlflow.start_run() deletes MLFLOW_RUN_ID once used, and Hydra's env_set then fails to delete it
+            # again; with a value (empty: MLflow ignores it) to go back to, Hydra restores it instead
+            os.environ.setdefault("MLFLOW_RUN_ID", "")
         share_cores(type(self.launcher).__name__, settings.n_jobs)
         with self._parent_run(study, storage, distributions, settings.directions) as parent_id:
             log.info(f"study {study.study_name!r} in {mask_secrets(url)}: {studies.budget_used(study)}/{n_trials} "
@@ -224,8 +227,8 @@ class OptunaPruningSweeper(Sweeper):
         A key the user sets on the command line wins over the search space: `model=small` leaves out the
         space's model.* keys and `model.fc_width=64` its model.fc_width, and the sweep says which it left out."""
         try:
-            given, given_fixed, given_other = create_params_from_overrides(list(arguments))
-            space, space_fixed, space_other = create_params_from_overrides(
+            given, given_fixed, given_other = space_from_overrides(list(arguments))
+            space, space_fixed, space_other = space_from_overrides(
                 [f"{k}={v}" for k, v in (self.params or {}).items()])
         except Exception as e:
             raise ConfigError(f"search space could not be parsed ({type(e).__name__}: {e}); use the plugin's "
@@ -574,6 +577,43 @@ def recipe(overrides: list[str], groups: set[str], exclude: tuple[str, ...] = ()
         else:
             values[key] = override.value()
     return choices, values
+
+
+def space_from_overrides(arguments: list[str]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """The upstream plugin's grammar, through Hydra's public override parser: (distributions of the sweeps,
+    {key: value} of the plain overrides, the deletions as given)."""
+    distributions, fixed, other = {}, {}, []
+    for override in OverridesParser.create().parse_overrides(arguments):
+        if override.is_delete():
+            other.append(override.input_line)
+        elif override.is_sweep_override():
+            distributions[override.get_key_element()] = distribution_of(override)
+        else:
+            fixed[override.get_key_element()] = override.get_value_element_as_str()
+    return distributions, fixed, other
+
+
+def distribution_of(override: Override) -> optuna.distributions.BaseDistribution:
+    """choice(a,b) -> categorical; range(lo,hi[,step]) -> stepped int or float (hi excluded, as in Hydra);
+    interval(lo,hi) -> uniform int or float; tag(log, interval(...)) -> log-uniform."""
+    key, value = override.get_key_element(), override.value()
+    if override.is_choice_sweep() or (override.is_range_sweep() and (value.shuffle or value.transformers)):
+        return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))
+    if override.is_range_sweep():
+        points = [float(v) if not isinstance(v, int) else v for v in override.sweep_iterator()]
+        if not points:
+            raise ConfigError(f"{key}={override.get_value_element_as_str()} is an empty range")
+        step = abs(value.step)
+        if all(isinstance(v, int) for v in points):
+            return IntDistribution(min(points), max(points), step=int(step))
+        return FloatDistribution(min(points), max(points), step=float(step))
+    if override.is_interval_sweep():
+        log = "log" in value.tags
+        if isinstance(value.start, int) and isinstance(value.end, int):
+            return IntDistribution(int(value.start), int(value.end), log=log)
+        return FloatDistribution(float(value.start), float(value.end), log=log)
+    raise ConfigError(f"{key}={override.get_value_element_as_str()}: this sweep is not supported; use choice, "
+                      "range, interval or tag(log, interval(...))")
 
 
 def grid_choices(name: str, d) -> list:

@@ -1,0 +1,179 @@
+"""`hydra/sweeper=optuna_pruning` as any Hydra app uses it: tiny apps written into a folder outside this repo,
+returning in milliseconds, run as their users run them (`python app.py --multirun ...`).
+
+First the upstream hydra-optuna-sweeper's documented behaviours (our own apps, in the spirit of its example/
+sphere, multi-objective and custom-search-space apps): the grammar, the samplers, multi-objective, grid, n_jobs,
+the failure rate. Then what this plugin adds: pruning from inside the job with every launcher, resume to a total
+budget, and MLflow runs a plain `mlflow.start_run()` logs into."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+pytestmark = pytest.mark.slow
+
+APP = '''
+import hydra
+from mnist_sweep.study import current_trial
+
+
+@hydra.main(config_path=".", config_name="config")
+def objective(cfg):
+    if cfg.x == cfg.fail_at:
+        raise RuntimeError("asked to fail")
+    if cfg.objectives == 2:  # two conflicting goals: a Pareto front
+        return [cfg.x ** 2 + cfg.y ** 2, (cfg.x - 2) ** 2 + (cfg.y - 2) ** 2]
+    value = (cfg.x - 1) ** 2 + cfg.y ** 2 + cfg.get("w", 0)
+    trial = current_trial()  # a no-op outside a sweep
+    for step in range(1, cfg.steps + 1):  # a learning curve that ends at `value`: a bad trial is bad early
+        trial.report(value + 1.0 / step, step)
+    if cfg.log_mlflow:
+        import mlflow
+
+        with mlflow.start_run():  # lands in this trial's run: the sweeper hands over MLFLOW_RUN_ID
+            mlflow.log_metric("value", value)
+    return value
+
+
+def widen(cfg, trial):  # custom_search_space: a parameter that depends on another one
+    trial.suggest_float("+w", 0.0, abs(trial.params["x"]))
+
+
+if __name__ == "__main__":
+    objective()
+'''
+
+
+def make_app(folder: Path, sweeper: str = "optuna_pruning", **settings) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "app.py").write_text(APP)
+    (folder / "config.yaml").write_text(yaml.safe_dump({
+        "defaults": [{"override hydra/sweeper": sweeper}, "_self_"],
+        "x": 1, "y": 1, "fail_at": None, "objectives": 1, "steps": 3, "log_mlflow": False,
+        "hydra": {"sweeper": {"sampler": {"seed": 123}, "direction": "minimize", "study_name": "s",
+                              "storage": f"sqlite:///{folder / 'optuna.db'}", "n_trials": 8, "n_jobs": 1,
+                              "params": {"x": "range(-5.5, 5.5, step=0.5)", "y": "choice(-5, 0, 5)"}, **settings},
+                  "sweep": {"dir": str(folder / "multirun")}, "job": {"chdir": False}}}))
+    return folder
+
+
+def sweep(folder: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "app.py", "--multirun", *overrides], cwd=folder, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def trials(folder: Path, name: str = "s") -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{folder / 'optuna.db'}").trials
+
+
+def test_the_sphere_gives_the_same_trials_as_the_upstream_plugin(tmp_path):
+    ours = make_app(tmp_path / "ours")
+    upstream = make_app(tmp_path / "upstream", sweeper="optuna")
+    for folder in (ours, upstream):
+        result = sweep(folder)
+        assert result.returncode == 0, result.stderr[-3000:]
+    mine, theirs = trials(ours), trials(upstream)
+    assert len(mine) == len(theirs) == 8
+    assert [t.params for t in mine] == [t.params for t in theirs]  # TPE, seed 123: the same proposals
+    assert [t.value for t in mine] == [t.value for t in theirs]
+    best = yaml.safe_load((ours / "multirun" / "optimization_results.yaml").read_text())
+    assert best["best_value"] == min(t.value for t in mine)
+
+
+def test_the_grammar_and_params_in_config_reach_the_study(tmp_path):
+    app = make_app(tmp_path, params={"x": "interval(-1.0, 1.0)", "y": "range(0, 3)"}, n_trials=4)
+    result = sweep(app, "+z=tag(log, interval(0.001, 1.0))", "+k=choice(a, b)")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (first, *_) = done = trials(app)
+    dist = first.distributions
+    assert dist["x"] == optuna.distributions.FloatDistribution(-1.0, 1.0)
+    assert dist["y"] == optuna.distributions.IntDistribution(0, 2)  # range's stop is exclusive, as in Hydra
+    assert dist["+z"] == optuna.distributions.FloatDistribution(0.001, 1.0, log=True)
+    assert dist["+k"] == optuna.distributions.CategoricalDistribution(["a", "b"])
+    assert len(done) == 4 and all(t.state == TrialState.COMPLETE for t in done)
+
+
+def test_two_objectives_give_a_pareto_front(tmp_path):
+    app = make_app(tmp_path, direction=["minimize", "minimize"],
+                   params={"x": "range(0, 5, step=0.5)", "y": "range(0, 3, step=0.5)"})
+    result = sweep(app, "hydra/sweeper/sampler=nsgaii", "objectives=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    front = yaml.safe_load((app / "multirun" / "optimization_results.yaml").read_text())["solutions"]
+    assert front and all(len(s["values"]) == 2 for s in front)
+    assert all(len(t.values) == 2 for t in trials(app))
+
+
+def test_a_custom_search_space_adds_dependent_parameters(tmp_path):
+    app = make_app(tmp_path, custom_search_space="app.widen", n_trials=4)
+    result = sweep(app)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for t in trials(app):
+        assert 0.0 <= t.params["+w"] <= abs(t.params["x"]) and t.value == pytest.approx(
+            (t.params["x"] - 1) ** 2 + t.params["y"] ** 2 + t.params["+w"])
+
+
+def test_a_grid_is_walked_once_whatever_n_trials_says(tmp_path):
+    app = make_app(tmp_path, params={"x": "choice(0, 1)", "y": "choice(-5, 5)"}, n_trials=10)
+    result = sweep(app, "hydra/sweeper/sampler=grid")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted((t.params["x"], t.params["y"]) for t in trials(app)) == [(0, -5), (0, 5), (1, -5), (1, 5)]
+
+
+def test_parallel_jobs_and_the_failure_rate(tmp_path):
+    app = make_app(tmp_path, params={"x": "choice(0, 1, 2, 3)"}, n_trials=4, n_jobs=2, max_failure_rate=0.0)
+    result = sweep(app, "hydra/launcher=joblib", "hydra/sweeper/sampler=grid", "fail_at=2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "max_failure_rate=0.0" in result.stderr.strip().splitlines()[-1]
+    failed = [t for t in trials(app) if t.state == TrialState.FAIL]
+    assert [t.params["x"] for t in failed] == [2] and "asked to fail" in failed[0].user_attrs["fail_reason"]
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local"])
+def test_a_foreign_app_prunes_from_inside_its_jobs_with_every_launcher(tmp_path, launcher):
+    """Median pruning: after the first trial, one worse at step 1 than the median so far is stopped there."""
+    app = make_app(tmp_path, params={"x": "choice(1, 4, 0, 5, 2, -3)", "y": "choice(0)"}, n_trials=6,
+                   n_jobs=1 if launcher == "basic" else 2)
+    result = sweep(app, f"hydra/launcher={launcher}", "hydra/sweeper/sampler=grid", "hydra/sweeper/pruner=median",
+                   "hydra.sweeper.pruner.n_startup_trials=1", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = trials(app)
+    pruned = [t for t in done if t.state == TrialState.PRUNED]
+    assert pruned and len(done) == 6, [(t.params, t.state) for t in done]
+    assert all(max(t.intermediate_values) < 3 for t in pruned)  # stopped before the last step
+    best = min(t.value for t in done if t.state == TrialState.COMPLETE)
+    assert best == 0.0  # x=1 is never pruned: it is the best at every step
+
+
+def test_total_budget_resumes_the_study(tmp_path):
+    app = make_app(tmp_path, total_budget=True, n_trials=3)
+    assert sweep(app).returncode == 0
+    again = sweep(app, "hydra.sweeper.n_trials=5")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(trials(app)) == 5  # the total, not 5 more
+    third = sweep(app, "hydra.sweeper.n_trials=5")
+    assert third.returncode == 0 and "has used its budget (5/5 trials)" in third.stdout + third.stderr
+
+
+def test_a_plain_mlflow_start_run_logs_into_its_trials_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    app = make_app(tmp_path, n_trials=3, mlflow={"tracking_uri": uri, "experiment": "foreign"})
+    result = sweep(app, "log_mlflow=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("foreign").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("kind") == "study"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["trial-0", "trial-1", "trial-2"]
+    assert all(r.info.status == "FINISHED" and "value" in r.data.metrics for r in children)
+    by_number = {int(r.data.tags["trial_number"]): r for r in children}
+    for t in trials(app):
+        assert by_number[t.number].data.metrics["value"] == t.value
+        assert t.user_attrs["mlflow_run_id"] == by_number[t.number].info.run_id
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials/complete"] == 3
