@@ -11,7 +11,7 @@ import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from conftest import run_cli
-from mnist_sweep import report, tracking
+from mnist_sweep import report, results, tracking
 from mnist_sweep.errors import ConfigError
 
 LONG_NAMES = {"model.conv1_channels": CategoricalDistribution([8, 16, 32]), "model.dropout": FloatDistribution(0.1, 0.6),
@@ -53,7 +53,7 @@ def test_importances_of_enough_trials_carry_no_caveat():
     import matplotlib.pyplot as plt
 
     fig, _ = plt.subplots()
-    report.tidy_figures({"param_importances.png": fig}, "val/acc", completed=report.FEW_TRIALS)
+    results.tidy_figures({"param_importances.png": fig}, "val/acc", completed=results.FEW_TRIALS)
     assert fig.texts == []
 
 

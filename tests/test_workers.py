@@ -266,7 +266,7 @@ def test_an_unreachable_tracking_server_stops_a_worker_at_once(tmp_path, mnist_r
 def test_the_budget_lock_serializes_claims_between_processes(tmp_path):
     """While one process holds a study's claim lock, another process cannot take it (it waits)."""
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    other = ("import sys; from mnist_sweep import sweep\n"
+    other = ("import sys; from mnist_sweep import study as sweep\n"
              f"storage = sweep.make_storage({url!r}); print('ready', flush=True); sys.stdin.readline()\n"
              "with sweep.claim_lock(storage, 's'): print('got it', flush=True)\n")
     proc = subprocess.Popen([sys.executable, "-c", other], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
