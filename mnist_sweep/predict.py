@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import tracking
+from . import registry, tracking
 from .errors import UserError, one_line
 from .model import IMAGE_SIZE
 
@@ -123,9 +123,9 @@ def load_model(client, run_id: str | None, model_name: str | None, storage: str)
     model that models:/<name>/<version> names), else the weights of the latest study's best trial."""
     if run_id:
         return _run_model(client, run_id, f"run {run_id}")
-    version = tracking.latest_model_version(client, model_name) if model_name else None
+    version = registry.latest_model_version(client, model_name) if model_name else None
     if version is not None:
-        return LoadedModel(*tracking.load_registered_model(client, model_name, version.version),
+        return LoadedModel(*registry.load_registered_model(client, model_name, version.version),
                            source=f"models:/{model_name}/{version.version}")
     from .report import best_trial, open_existing_study
     from .study import RUN_ID_ATTR

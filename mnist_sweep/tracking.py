@@ -28,11 +28,10 @@ from .data import DataConfig, Splits, load_mnist
 from .data import digest as data_digest
 from .errors import ConfigError, UserError, one_line
 from .locks import file_lock, sqlite_file
-from .model import IMAGE_SIZE, NUM_CLASSES, ModelConfig, build_model
+from .model import IMAGE_SIZE, ModelConfig, build_model
 
 WEIGHTS_FILE = "model/weights.pt"
 MODEL_CONFIG_FILE = "model/model_config.json"
-LOGGED_MODEL_NAME = "model"  # the name of the MLflow Logged Model a registration creates from a run
 # Tags and params that several modules write or read: one name each
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's nesting: the parent run's id on a child run
 STUDY_TAG = "study"  # the Optuna study's name, on its parent run and on every trial's run
@@ -42,8 +41,6 @@ TRIAL_NUMBER_TAG = "trial_number"  # a trial's run: the Optuna trial number
 TRIAL_STATE_TAG = "trial_state"  # a trial's run: the Optuna state the trial ended in (COMPLETE, PRUNED, FAIL)
 END_REASON_TAG = "end_reason"  # a run ended by an exception: `Type: message`
 OPTIMIZED_METRIC_PARAM = "optimized_metric"  # a study's parent run: its objectives, comma-separated
-REGISTERED_MODEL_DESCRIPTION = ("The best trial of an mnist_sweep study: logits of the 10 digits for (N, 1, 28, 28) "
-                                "images normalized with the metadata's input_mean and input_std")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -285,7 +282,7 @@ class RunRecorder:
 
 def load_model(client, run_id: str) -> torch.nn.Module:
     """Rebuild a logged model from its run: the inverse of RunRecorder.log_model_weights."""
-    with tempfile.TemporaryDirectory() as tmp, _quiet_transfers():
+    with tempfile.TemporaryDirectory() as tmp, quiet_transfers():
         cfg_path = client.download_artifacts(run_id, MODEL_CONFIG_FILE, tmp)
         weights_path = client.download_artifacts(run_id, WEIGHTS_FILE, tmp)
         model = build_model(ModelConfig(**json.loads(Path(cfg_path).read_text())))
@@ -299,98 +296,6 @@ def normalization(client, run_id: str) -> tuple[float, float]:
     return float(params["data.mean"]), float(params["data.std"])
 
 
-def register_model(client, run_id: str, name: str):
-    """Log the run's net as an MLflow pytorch model (a Logged Model of the run) with a signature and register it
-    as a version of `name`; returns the ModelVersion.
-
-    Signature: input float32 (N, 1, 28, 28) images normalized as in training, (pixel/255 - mean) / std, with the
-    run's data.mean and data.std (also in the model's metadata); output float32 (N, 10) logits, whose softmax is
-    the class probabilities. A run registered before keeps its version (a resumed sweep does not add one).
-    """
-    import mlflow.pytorch
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    for version in client.search_model_versions(f"name = '{name}'"):
-        if version.run_id == run_id:
-            return version
-    mean, std = normalization(client, run_id)
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, IMAGE_SIZE, IMAGE_SIZE))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]))
-    net = load_model(client, run_id)
-    # pt2: torch.export's traced graph loads without our code and without unpickling; the example's batch of 2
-    # keeps the batch dimension dynamic. Explicit requirements: MLflow would otherwise infer them by loading the
-    # model in a subprocess (slow).
-    blank = torch.full((2, 1, IMAGE_SIZE, IMAGE_SIZE), -mean / std)
-    # Made here, not by log_model, which would put it in the process's active experiment (Default), not the run's
-    run = client.get_run(run_id)
-    logged = client.create_logged_model(run.info.experiment_id, name=LOGGED_MODEL_NAME, source_run_id=run_id,
-                                        params=run.data.params)
-    with _process_tracking_uri(client.tracking_uri), _quiet_transfers():
-        # run_id goes on to mlflow.models.Model.log, which documents it: the model is logged into the finished run
-        # without reopening it (mlflow.start_run(run_id=...) would set it RUNNING and rewrite its end time).
-        info = mlflow.pytorch.log_model(net, model_id=logged.model_id, run_id=run_id, registered_model_name=name,
-                                        await_registration_for=0, signature=signature, input_example=blank.numpy(),
-                                        serialization_format="pt2",
-                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                                        metadata={"input_mean": mean, "input_std": std, "output": "logits"},
-                                        step=_last_step(client, run_id, "test/acc"))
-    client.update_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
-    return client.get_model_version(name, str(info.registered_model_version))
-
-
-def load_registered_model(client, name: str, version: str) -> tuple[torch.nn.Module, float, float]:
-    """(net, input mean, input std) of the registered model version models:/<name>/<version>: the logged MLflow
-    model itself, not the weights of its run. Raises UserError when it cannot be loaded."""
-    import mlflow.artifacts
-    import mlflow.pytorch
-    from mlflow.models import Model
-
-    with tempfile.TemporaryDirectory() as tmp, _quiet_transfers():
-        try:
-            # the client finds the version's files: MLflow resolves a models:/ URI in the process-wide registry
-            location = client.get_model_version_download_uri(name, version)
-            local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp,
-                                                       tracking_uri=client.tracking_uri)
-            meta = Model.load(local).metadata or {}
-            net = mlflow.pytorch.load_model(local)
-            mean, std = float(meta["input_mean"]), float(meta["input_std"])
-        except Exception as e:  # missing version or files, a truncated file, no metadata: all the same to a user
-            raise UserError(f"models:/{name}/{version} (tracking URI {client.tracking_uri}) could not be loaded: "
-                            f"{one_line(e)}; register it again (run the sweep) or pass --run-id") from None
-    return net, mean, std
-
-
-def _last_step(client, run_id: str, metric: str) -> int:
-    """The step `metric` was last logged at (0 if never): MLflow links the run's metrics of that step to a model
-    logged at it, so the Logged Model shows the test accuracy."""
-    history = client.get_metric_history(run_id, metric)
-    return max((m.step for m in history), default=0)
-
-
-@contextmanager
-def _process_tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's model logging and registration read the process-wide tracking URI (mlflow.set_tracking_uri, which
-    also writes MLFLOW_TRACKING_URI): set it for their call only, then put back what was there."""
-    import mlflow
-
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-    if before == env:
-        before = None  # it came from the environment, restored below
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before)
-        if env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env
-
-
 PROGRESS_BAR_VAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # MLflow's switch for its per-transfer progress bars
 
 
@@ -401,7 +306,7 @@ def quiet_artifact_progress() -> None:
 
 
 @contextmanager
-def _quiet_transfers() -> Iterator[None]:
+def quiet_transfers() -> Iterator[None]:
     """quiet_artifact_progress for one call, in processes whose entry point is not ours to set (a sweep)."""
     before = os.environ.get(PROGRESS_BAR_VAR)
     quiet_artifact_progress()
@@ -410,12 +315,6 @@ def _quiet_transfers() -> Iterator[None]:
     finally:
         if before is None:
             os.environ.pop(PROGRESS_BAR_VAR, None)
-
-
-def latest_model_version(client, name: str):
-    """The newest version of a registered model, or None when there is no such model."""
-    versions = client.search_model_versions(f"name = '{name}'")
-    return max(versions, key=lambda v: int(v.version), default=None)
 
 
 SOURCE_NAME = "mnist_sweep"  # what the runs table shows under Source: the package's entry point

@@ -112,7 +112,7 @@ def test_a_large_photo_is_shrunk_on_load_and_turned_upright(tmp_path):
 
 @pytest.mark.slow
 def test_predict_cli_classifies_images_with_the_registered_model(recorded_study, tmp_path):
-    from mnist_sweep import tracking
+    from mnist_sweep import registry, tracking
     from mnist_sweep.predict import classify
 
     images, _ = synthetic_digits(3, seed=5)
@@ -127,7 +127,7 @@ def test_predict_cli_classifies_images_with_the_registered_model(recorded_study,
     assert "Downloading artifacts" not in result.stderr  # MLflow's progress bars are off in our commands
     # the digits printed are those of the registered run's net on the same preprocessing
     client = tracking.make_client(uri)
-    run_id = tracking.latest_model_version(client, "mnist_sweep_best").run_id
+    run_id = registry.latest_model_version(client, "mnist_sweep_best").run_id
     probs = classify(tracking.load_model(client, run_id), [to_mnist(read_gray(p)) for p in paths],
                      *tracking.normalization(client, run_id))
     for path, p in zip(paths, probs):
@@ -146,7 +146,7 @@ def test_predict_cli_classifies_images_with_the_registered_model(recorded_study,
 def test_predict_loads_the_registered_mlflow_model_that_it_names(recorded_study):
     import torch
 
-    from mnist_sweep import predict, tracking
+    from mnist_sweep import predict, registry, tracking
     from mnist_sweep.model import Net
 
     client = tracking.make_client(f"sqlite:///{recorded_study / 'mlflow.db'}")
@@ -154,7 +154,7 @@ def test_predict_loads_the_registered_mlflow_model_that_it_names(recorded_study)
     assert loaded.source == "models:/mnist_sweep_best/1"
     assert not isinstance(loaded.net, Net)  # the logged pt2 graph, not the run's weights rebuilt with our code
     assert (loaded.mean, loaded.std) == (0.1307, 0.3081)  # from the model's metadata
-    net = tracking.load_model(client, tracking.latest_model_version(client, "mnist_sweep_best").run_id)
+    net = tracking.load_model(client, registry.latest_model_version(client, "mnist_sweep_best").run_id)
     batch = torch.randn(5, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(loaded.net(batch), net(batch))
@@ -162,12 +162,12 @@ def test_predict_loads_the_registered_mlflow_model_that_it_names(recorded_study)
 
 @pytest.mark.slow
 def test_a_registered_version_that_cannot_be_loaded_is_a_clear_error(recorded_study):
-    from mnist_sweep import tracking
+    from mnist_sweep import registry, tracking
 
     client = tracking.make_client(f"sqlite:///{recorded_study / 'mlflow.db'}")
     with pytest.raises(UserError, match=r"^models:/mnist_sweep_best/99 \(tracking URI sqlite:///.*\) could not be "
                                         r"loaded: .+; register it again \(run the sweep\) or pass --run-id$"):
-        tracking.load_registered_model(client, "mnist_sweep_best", "99")
+        registry.load_registered_model(client, "mnist_sweep_best", "99")
 
 
 def test_predict_on_a_missing_mlflow_store_is_one_line_and_creates_none(tmp_path, monkeypatch, capsys):

@@ -11,7 +11,7 @@ import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from conftest import run_cli
-from mnist_sweep import report, results, tracking
+from mnist_sweep import registry, report, results, tracking
 from mnist_sweep.errors import ConfigError
 
 LONG_NAMES = {"model.conv1_channels": CategoricalDistribution([8, 16, 32]), "model.dropout": FloatDistribution(0.1, 0.6),
@@ -108,7 +108,7 @@ def test_registering_leaves_the_process_tracking_uri_as_it_was(monkeypatch):
             monkeypatch.setenv("MLFLOW_TRACKING_URI", user_value)
         else:
             monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        with tracking._process_tracking_uri("sqlite:///sweep.db"):
+        with registry.process_tracking_uri("sqlite:///sweep.db"):
             assert mlflow.get_tracking_uri() == "sqlite:///sweep.db"
         assert os.environ.get("MLFLOW_TRACKING_URI") == user_value
         assert mlflow.is_tracking_uri_set() == bool(user_value)
@@ -166,7 +166,7 @@ def test_the_registered_best_model_loads_with_mlflow_and_predicts_like_the_net(r
 
     storage, tracking_uri = uris(recorded_study)
     client = tracking.make_client(tracking_uri)
-    version = tracking.latest_model_version(client, "mnist_sweep_best")
+    version = registry.latest_model_version(client, "mnist_sweep_best")
     best = optuna.load_study(study_name="tiny", storage=storage).best_trial
     assert str(version.version) == "1" and version.run_id == best.user_attrs["mlflow_run_id"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
@@ -178,24 +178,24 @@ def test_the_registered_best_model_loads_with_mlflow_and_predicts_like_the_net(r
     assert pyfunc.metadata.metadata == {"input_mean": 0.1307, "input_std": 0.3081, "output": "logits"}
     assert pyfunc.predict(batch.numpy()).shape == (7, 10)
     # a re-registration of the same run (a resumed sweep) keeps the version
-    assert str(tracking.register_model(client, version.run_id, "mnist_sweep_best").version) == "1"
+    assert str(registry.register_model(client, version.run_id, "mnist_sweep_best").version) == "1"
 
 
 @pytest.mark.slow
 def test_the_registered_version_is_a_logged_model_of_its_run(recorded_study):
     _, tracking_uri = uris(recorded_study)
     client = tracking.make_client(tracking_uri)
-    version = tracking.latest_model_version(client, "mnist_sweep_best")
+    version = registry.latest_model_version(client, "mnist_sweep_best")
     run = client.get_run(version.run_id)
     [output] = run.outputs.model_outputs
     logged = client.get_logged_model(output.model_id)
     assert version.source == f"models:/{logged.model_id}" and logged.source_run_id == run.info.run_id
-    assert logged.name == tracking.LOGGED_MODEL_NAME and logged.status.name == "READY"
+    assert logged.name == registry.LOGGED_MODEL_NAME and logged.status.name == "READY"
     assert logged.experiment_id == run.info.experiment_id  # the Models tab of the sweep's experiment lists it
     assert "test/acc" in {m.key for m in logged.metrics}  # the run's test score is linked to the model
     assert run.info.status == "FINISHED"  # logging into the finished run did not reopen it
     registered = client.get_registered_model("mnist_sweep_best")
-    assert registered.description == tracking.REGISTERED_MODEL_DESCRIPTION
+    assert registered.description == registry.REGISTERED_MODEL_DESCRIPTION
 
 
 @pytest.mark.slow
