@@ -19,7 +19,9 @@ A trial's life reads top to bottom in `_run_trials`: claim (ask, under the lock)
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
 import logging
 import math
@@ -517,8 +519,9 @@ def outcome(ret: JobReturn, n_objectives: int) -> tuple[TrialState, list[float] 
         if isinstance(values, str):
             return TrialState.FAIL, None, values, None
         return TrialState.COMPLETE, values, None, None
-    try:
-        ret.return_value  # re-raises the job's exception: the public way to get it
+    try:  # the public way to get the job's exception re-raises it, after a line on stderr that the trial line says
+        with contextlib.redirect_stderr(io.StringIO()):
+            ret.return_value
         error: BaseException = RuntimeError("the job failed without an exception")
     except Exception as e:
         error = e
@@ -634,7 +637,8 @@ def trial_params_text(params: dict[str, Any]) -> str:
 
 
 def trial_end_line(study: optuna.Study, number: int, n_trials: int, metric_names: list[str] | None) -> str:
-    """'trial 3 (4/12) COMPLETE val/acc 0.9871 (best so far #1: 0.9890)', 'PRUNED at step 2 ...', 'FAIL: why'."""
+    """'trial 3 (4/12) COMPLETE val/acc 0.9871 (best so far #1: 0.9890)', 'PRUNED at step 2 ...', 'FAIL: why'
+    (a step is what the job reports at: an epoch for mnist_sweep)."""
     names = metric_names or ["value"] * len(study.directions)
     trials = studies.counted_trials(study)
     trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
@@ -644,7 +648,7 @@ def trial_end_line(study: optuna.Study, number: int, n_trials: int, metric_names
         return f"{head}: {trial.user_attrs.get(studies.FAIL_REASON_ATTR, 'no reason recorded')}"
     if trial.state == TrialState.PRUNED and trial.intermediate_values:
         step = max(trial.intermediate_values)
-        head += f" at epoch {step} {names[0]} {trial.intermediate_values[step]:.4f}"
+        head += f" at step {step} {names[0]} {trial.intermediate_values[step]:.4f}"
     elif trial.values:
         head += " " + " ".join(f"{n} {v:.4f}" for n, v in zip(names, trial.values))
     best = results.best_trials(study)
