@@ -177,3 +177,18 @@ def test_a_plain_mlflow_start_run_logs_into_its_trials_run(tmp_path):
         assert by_number[t.number].data.metrics["value"] == t.value
         assert t.user_attrs["mlflow_run_id"] == by_number[t.number].info.run_id
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials/complete"] == 3
+
+
+def test_upstream_defaults_need_no_settings_at_all(tmp_path):
+    """Only the sweeper and a space on the command line: upstream's defaults (20 trials in batches of 2, minimize,
+    storage null, study_name null) run, and the study lives in the sweep folder, where jobs of any launcher reach
+    it."""
+    tmp_path.joinpath("app.py").write_text(APP)
+    tmp_path.joinpath("config.yaml").write_text(yaml.safe_dump(
+        {"x": 1, "y": 0, "fail_at": None, "objectives": 1, "steps": 1, "log_mlflow": False}))
+    result = sweep(tmp_path, "hydra/sweeper=optuna_pruning", "x=interval(-5, 5)", "hydra.sweep.dir=multirun")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (summary,) = optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'multirun' / 'optuna.db'}")
+    assert summary.n_trials == 20 and summary.direction == optuna.study.StudyDirection.MINIMIZE
+    best = yaml.safe_load((tmp_path / "multirun" / "optimization_results.yaml").read_text())
+    assert abs(best["best_params"]["x"] - 1) < 1.5  # TPE found the bowl's bottom, x = 1, roughly
