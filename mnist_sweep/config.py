@@ -55,7 +55,7 @@ SOURCE = source_tree()
 # A checkout reads its own conf/, so edits apply at once even when another copy is installed; an installed wheel
 # reads the copy it ships as the package mnist_sweep.conf.
 CONFIG_PATH = str(SOURCE / "conf") if SOURCE else "pkg://mnist_sweep.conf"
-TRUSTED_TARGETS = ("torch.optim.*", "optuna.pruners.*")  # what a config's _target_ may name
+TRUSTED_TARGETS = ("torch.optim.*",)  # what the optimizer's and scheduler's _target_ may name (pruners: study.py)
 
 
 def _section(cfg: DictConfig, key: str, cls: type) -> Any:
@@ -91,8 +91,7 @@ def _factory(node: DictConfig | None, key: str):
 
 def build_spec(cfg: DictConfig) -> RunSpec:
     """The composed config as plain, validated dataclasses; raises ConfigError naming the bad key."""
-    metrics = cfg.optimized_metric
-    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    metrics = tuple(metric_names(cfg.optimized_metric))
     make_optimizer, _ = _factory(cfg.optimizer, "optimizer")
     make_scheduler, interval = _factory(cfg.get("scheduler"), "scheduler")
     return RunSpec(

@@ -74,11 +74,6 @@ def check_study_name(name: str) -> str:
     return name
 
 
-def shown_url(url: str) -> str:
-    """The URL as messages may show it: the password masked."""
-    return mask_secrets(url)
-
-
 @functools.lru_cache(maxsize=8)
 def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None) -> RDBStorage:
     """One RDBStorage per URL per process (engine creation is the slow part). With heartbeats (seconds), a
@@ -107,7 +102,7 @@ def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
                     raise
                 time.sleep(1)  # another worker is creating the same tables
     except Exception as e:
-        raise ConfigError(f"Optuna storage {shown_url(url)!r} (hydra.sweeper.storage) could not be opened: "
+        raise ConfigError(f"Optuna storage {mask_secrets(url)!r} (hydra.sweeper.storage) could not be opened: "
                           f"{one_line(e)}") from None
 
 
@@ -320,9 +315,7 @@ class TrialReport:
     def __init__(self, ref: TrialRef) -> None:
         storage = make_storage(ref.storage)  # reports only: the sweeper keeps the heartbeat
         study = optuna.load_study(study_name=ref.study, storage=storage, pruner=build_pruner(ref.pruner))
-        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(ref.study),
-                                                                   ref.number)
-        self.trial = optuna.trial.Trial(study, trial_id)
+        self.trial = optuna.trial.Trial(study, trial_id(storage, ref.study, ref.number))
         self.number = ref.number
         self.study = ref.study
         self.multi_objective = len(study.directions) > 1

@@ -415,8 +415,8 @@ class OptunaPruningSweeper(Sweeper):
     # -- the end of an invocation ------------------------------------------------------------------------------
 
     def _budget_spent(self, study: optuna.Study, n_trials: int) -> bool:
-        """A finished study's command says so in one line, and leaves nothing behind (no run, no folder)."""
-        optuna.storages.fail_stale_trials(study)
+        """A finished study's command says so in one line, and leaves nothing behind (no run, no folder).
+        open_study has just failed the trials of dead processes, so their retries count as room."""
         used = studies.budget_used(study)
         if used < n_trials or studies.running_count(study):
             return False

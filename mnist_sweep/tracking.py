@@ -195,17 +195,13 @@ class RunRecorder:
             all_tags[PARENT_TAG] = parent_run_id
         if run_id:
             run = retry_locked(client.get_run, run_id)
-            self.set_tags_of(run.info.run_id, all_tags)
         else:
             run = retry_locked(lambda: client.create_run(experiment_id(client, experiment), run_name=run_name,
                                                         tags=all_tags))
         self.run_id: str = run.info.run_id
         self.experiment_id: str = run.info.experiment_id
-
-    def set_tags_of(self, run_id: str, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        retry_locked(self.client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        if run_id:
+            self.set_tags(all_tags)
 
     @classmethod
     def attach(cls, client, run_id: str) -> "RunRecorder":
