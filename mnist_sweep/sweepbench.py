@@ -321,9 +321,12 @@ def unpruned_share(runs: Iterable[Run], budget: float) -> float | None:
 
 
 def counts(trials: Iterable[Trial], budget: float) -> dict[str, int]:
-    """complete / pruned within the budget; other: failed, still running at the budget, or ended after it."""
+    """complete / pruned within the budget; other: failed, still running at the budget, or ended after it. A
+    WAITING trial never started (ours queues an interrupted trial's params again) and is not counted."""
     out = {"complete": 0, "pruned": 0, "other": 0}
     for t in trials:
+        if t.state == "WAITING":
+            continue
         key = t.state.lower() if t.state in ("COMPLETE", "PRUNED") and within(t.seconds, budget) else "other"
         out[key] += 1
     return out
@@ -490,7 +493,10 @@ def plot(runs: list[StudyRun], budget: float, targets: Sequence[float], path: Pa
     ax.set_ylabel("best val/acc so far (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", title="mean over seeds, band: min-max")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", title="mean over seeds, band: min-max")
+    else:
+        ax.text(0.5, 0.5, "no trial completed within the budget", transform=ax.transAxes, ha="center")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from mnist_sweep import sweepbench
 from mnist_sweep.config import compose_sweep, override_text
 from mnist_sweep.sweepbench import (Epoch, Ran, Run, StudyRun, Trial, best_so_far, best_trial, counts, failed_at_once,
                                     failure_line, main, markdown_table, matching_run, model_seconds,
@@ -20,7 +21,8 @@ from conftest import FAST, run_cli
 
 TRIALS = [Trial(0, "COMPLETE", 0.980, 10.0), Trial(1, "PRUNED", None, 12.0), Trial(2, "COMPLETE", 0.970, 20.0),
           Trial(3, "COMPLETE", 0.991, 30.0), Trial(4, "FAIL", None, 31.0), Trial(5, "COMPLETE", 0.991, 40.0),
-          Trial(6, "COMPLETE", 0.995, 70.0), Trial(7, "RUNNING", None, None), Trial(8, "PRUNED", None, 65.0)]
+          Trial(6, "COMPLETE", 0.995, 70.0), Trial(7, "RUNNING", None, None), Trial(8, "PRUNED", None, 65.0),
+          Trial(9, "WAITING", None, None)]
 
 
 def test_best_so_far_counts_complete_trials_within_the_budget():
@@ -147,6 +149,25 @@ def test_a_study_that_fails_at_once_is_named_by_its_error_line(tmp_path):
     assert ran.exit_code == 2 and not ran.stopped_at_budget and ran.ended - ran.started < 10
     assert failed_at_once(ran, []) and not failed_at_once(ran, [Trial(0, "COMPLETE", 0.9, 5.0)])
     assert failure_line(tmp_path / "sweep.log") == "error: data.root=/x holds no MNIST"
+
+
+def test_the_bench_goes_on_after_a_study_that_fails_at_once(tmp_path, capsys, monkeypatch):
+    def fake_run(cmd, folder, budget, grace, env):  # upstream fails at once, ours runs to the budget
+        failing = "hydra/sweeper=optuna" in cmd
+        (folder / "sweep.log").write_text("starting\nerror: hydra/sweeper=optuna not found\n" if failing else "")
+        return Ran(100.0, 101.0 if failing else 130.0, 2 if failing else 143, not failing)
+
+    monkeypatch.setattr(sweepbench, "run_until", fake_run)
+    monkeypatch.setattr(sweepbench, "empty_mlflow_store", lambda path: path.touch() or path)
+    monkeypatch.setattr(sweepbench, "read_runs", lambda database, experiment, started: [])
+    out = tmp_path / "out"
+    assert main(["--studies", "upstream", "ours", "--sweep-seeds", "0", "--budget", "30", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert (f"error: study upstream (seed 0) failed at once, exit code 2: error: hydra/sweeper=optuna not found; "
+            f"its log: {out / 'upstream-s0' / 'sweep.log'}") in err
+    rows = {r["study"]: r for r in json.loads((out / "sweepbench.json").read_text())["summary"]}
+    assert rows["upstream"]["failed"] == 1 and rows["ours"]["seeds"] == 1 and rows["ours"]["to_reference"] is None
+    assert "| upstream | 0 (1 failed) |" in (out / "sweepbench.md").read_text()
 
 
 @pytest.mark.parametrize("args, message", [
