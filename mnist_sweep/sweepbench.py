@@ -517,7 +517,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--targets", type=float, nargs="+", default=list(TARGETS), help="val/acc levels whose wall "
                     "time to reach is measured (default 0.99 0.992 0.993)")
     ap.add_argument("--grace", type=float, default=GRACE_S, help="seconds after SIGTERM before SIGKILL")
-    ap.add_argument("--quick", action="store_true", help=f"{QUICK_BUDGET_S:.0f} s per study, seed 0: a smoke test")
+    ap.add_argument("--quick", action="store_true", help=f"{QUICK_BUDGET_S:.0f} s per study and the first seed only "
+                    "(instead of --budget and --sweep-seeds): a smoke test on tiny data")
     ap.add_argument("--out", default="outputs/sweepbench", help="folder for the studies and the results")
     return ap.parse_args(argv)
 
@@ -592,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
             for study in args.studies:
                 runs.append(run_one(study, seed, folders[study, seed], space, cores, args, env, template))
     except KeyboardInterrupt:
-        print("interrupted: the running study was stopped; nothing written", file=sys.stderr)
+        print("interrupted: the running study was stopped; no results written", file=sys.stderr)
         return 130
     rows = summarize(runs, args.targets)
     table = markdown_table(rows, args.targets)
