@@ -198,11 +198,26 @@ def machine() -> dict[str, str | int]:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    info = {"cpu": cpu, "logical_cores": os.cpu_count(),
+    info = {"cpu": cpu, "cpu_flags": " ".join(cpu_flags()), "logical_cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8",
+               "asimd", "sve")  # the /proc/cpuinfo flags that decide which kernels torch runs on a CPU
+
+
+def cpu_flags() -> list[str]:
+    """Of SPEED_FLAGS, those this CPU has (Linux; elsewhere none is listed)."""
+    try:
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        return []
+    have = set(line.split(":", 1)[1].split())
+    return [f for f in SPEED_FLAGS if f in have]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -291,7 +306,8 @@ def prepare_device(spec: RunSpec) -> torch.device:
 
 
 def describe(m: dict, ceiling: dict[str, float]) -> str:
-    where = m.get("gpu") or f"{m['cpu']}, {m['logical_cores']} logical cores, {m['torch_threads']} torch threads"
+    where = m.get("gpu") or (f"{m['cpu']} (flags: {m['cpu_flags'] or 'none listed'}), {m['logical_cores']} "
+                             f"logical cores, {m['torch_threads']} torch threads")
     return (f"{where}; torch {m['torch']} on {m['device']}. Matmul ceiling: fp32 {ceiling['fp32']:.1f} GFLOP/s, "
             f"bf16 {ceiling['bf16']:.1f} GFLOP/s.")
 

@@ -4,6 +4,7 @@ DictConfig. Everything below takes what this module builds."""
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config_types import check_fields, check_numeric_kwargs, is_number, shown
 from .data import DataConfig
-from .errors import ConfigError
+from .errors import ConfigError, one_line
 from .model import ModelConfig
 from .train import METRIC_DIRECTIONS, RunSpec, TrainerConfig, check_metric_names
 
@@ -130,3 +131,50 @@ def compose_spec(overrides: list[str]) -> RunSpec:
     return build_spec(cfg)
 
 
+
+
+@dataclass(frozen=True)
+class SweepDefaults:
+    """What `python -m mnist_sweep --multirun` runs with a search space, as the sweep benchmark reads it."""
+
+    params: dict[str, str]  # hydra.sweeper.params as override text, e.g. {'model.dropout': 'interval(0.1, 0.6)'}
+    n_jobs: int  # hydra.sweeper.n_jobs: trials that run at once
+    max_failure_rate: float  # hydra.sweeper.max_failure_rate
+    experiment: str  # mlflow.experiment: where the runs of a sweep are
+    optimized_metric: tuple[str, ...]
+
+
+SWEEP_EXPRESSION = re.compile(r"(choice|range|interval|tag|glob|shuffle|sort)\(.*\)", re.DOTALL)
+
+
+def override_text(value: Any) -> str:
+    """A config value as the right-hand side of a command-line override: a sweep expression as written, true,
+    null, a number, a plain word, or a quoted string."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    text = str(value)
+    if isinstance(value, str) and not (SWEEP_EXPRESSION.fullmatch(text) or re.fullmatch(r"[\w./:@+-]+", text)):
+        return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return text
+
+
+def compose_sweep(overrides: list[str], space: str = "default") -> SweepDefaults:
+    """The search space and sweep settings that `python -m mnist_sweep --multirun hparams_search=SPACE OVERRIDES`
+    would use, read from the composed config (Hydra's part included)."""
+    from hydra import compose, initialize
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize(config_path=CONFIG_PATH):
+            cfg = compose("config", overrides=[f"hparams_search={space}", *overrides], return_hydra_config=True)
+        sweeper = cfg.hydra.sweeper
+        params = OmegaConf.to_container(sweeper.params, resolve=True) if sweeper.get("params") else {}
+        settings = SweepDefaults({k: override_text(v) for k, v in params.items()}, sweeper.n_jobs,
+                                 sweeper.max_failure_rate, cfg.mlflow.experiment,
+                                 tuple(metric_names(cfg.optimized_metric)))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(f"overrides {' '.join(overrides)}: {one_line(e, typed=False)}") from None
+    if not settings.params:
+        raise ConfigError(f"hparams_search={space} has no search space (hydra.sweeper.params is empty)")
+    return settings

@@ -259,6 +259,9 @@ def fit(p: Prepared, on_epoch_end: EpochCallback | None = None,
         progress: Callable[[Iterable, int], Iterable] | None = None) -> list[dict[str, float]]:
     """Train for trainer.epochs; after each epoch call on_epoch_end(epoch, metrics). Returns the history.
 
+    Each epoch's metrics: train_epoch's, val/loss, val/acc, lr, and val_seconds (the validation pass): with
+    epoch_seconds, the time an epoch spent on the model, which the sweep benchmark sets against wall time.
+
     A callback that returns True stops training there (a target reached); the history ends at that epoch. Only
     True counts, so a callback that happens to return something else cannot end a run early. The callback may also
     raise (a pruner stopping a trial, Ctrl-C); the history so far was already handed to it.
@@ -267,8 +270,10 @@ def fit(p: Prepared, on_epoch_end: EpochCallback | None = None,
     for epoch in range(1, p.spec.trainer.epochs + 1):
         wrap = (lambda it: progress(it, epoch)) if progress else iter
         metrics = train_epoch(p, wrap)
-        val, _, _ = evaluate(p, p.splits.val)
-        metrics.update({"val/loss": val["loss"], "val/acc": val["acc"], "lr": p.optimizer.param_groups[0]["lr"]})
+        start = time.perf_counter()
+        val, _, _ = evaluate(p, p.splits.val)  # .item() inside has synced the device
+        metrics.update({"val/loss": val["loss"], "val/acc": val["acc"], "lr": p.optimizer.param_groups[0]["lr"],
+                        "val_seconds": time.perf_counter() - start})
         if p.scheduler is not None and p.spec.scheduler_interval == "epoch":
             p.scheduler.step()
         history.append(metrics)

@@ -20,7 +20,7 @@ def test_single_run_records_metrics_params_and_artifacts(tmp_path, mnist_root):
     assert run.info.run_id in result.stdout and "mlflow ui" in result.stdout
     assert "epoch 2/2" in result.stdout
     # per-epoch curves, step = epoch
-    for key in ("train/loss", "val/loss", "val/acc", "lr", "epoch_seconds", "train/images_per_s"):
+    for key in ("train/loss", "val/loss", "val/acc", "lr", "epoch_seconds", "train/images_per_s", "val_seconds"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
     assert run.data.metrics["test/acc"] > 0.8  # chance is 0.1: the synthetic classes are learnable
     assert run.data.metrics["model/params"] > 0

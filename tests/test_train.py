@@ -37,7 +37,8 @@ def test_fit_reports_every_metric_each_epoch_and_learns(mnist_root):
     history = fit(p, on_epoch_end=lambda epoch, m: seen.append((epoch, m)))
     assert [e for e, _ in seen] == [1, 2]
     for m in history:
-        assert set(m) == {"train/loss", "val/loss", "val/acc", "lr", "epoch_seconds", "train/images_per_s"}
+        assert set(m) == {"train/loss", "val/loss", "val/acc", "lr", "epoch_seconds", "train/images_per_s",
+                          "val_seconds"}
         assert all(math.isfinite(v) for v in m.values())
     assert history[-1]["val/acc"] > 0.8  # chance is 0.1
     test, pred, label = evaluate(p, p.splits.test)
