@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from mnist_sweep.bench import Epoch, RecipeRun, markdown_table, matmul_gflops, summarize
+from mnist_sweep.bench import Epoch, RecipeRun, markdown_table, matmul_gflops, memcpy_counts, summarize
 from conftest import run_cli
 
 
@@ -13,8 +13,9 @@ def run(recipe, seed, *accs, epoch_seconds=10.0):
     """A recipe run whose epochs take `epoch_seconds` and reach `accs`, after 2 s of setup."""
     epochs = [Epoch(i + 1, epoch_seconds, 1000 / epoch_seconds, 5.0, acc, 2 + (i + 1) * epoch_seconds)
               for i, acc in enumerate(accs)]
-    hit = next((e.elapsed for e in epochs if e.test_acc >= 0.99), None)
-    return RecipeRun(recipe, seed, 2.0, epochs, hit)
+    hit = next((e for e in epochs if e.test_acc >= 0.99), None)
+    return RecipeRun(recipe, seed, 2.0, epochs, hit and hit.elapsed, hit and hit.epoch * epoch_seconds,
+                     warmup_seconds=0.5)
 
 
 def test_summary_takes_means_over_seeds_and_ratios_against_the_classic_recipe():
@@ -27,11 +28,30 @@ def test_summary_takes_means_over_seeds_and_ratios_against_the_classic_recipe():
     sr = rows["speedrun"]
     assert sr["seeds"] == 2 and sr["epoch_speedup"] == pytest.approx(10.0)
     assert sr["time_to_target"] == (22.0, 0.0) and sr["time_to_target_ratio"] == pytest.approx(22 / 302)
+    assert sr["train_to_target"] == (20.0, 0.0) and rows["classic"]["train_to_target"] == (300.0, 0.0)
     assert sr["final_test_acc"][0] == pytest.approx(0.992) and sr["final_test_acc"][1] == pytest.approx(0.0014142, rel=1e-3)
     assert sr["ceiling_fraction"] == pytest.approx(0.1)
     assert rows["accuracy"]["time_to_target"] is None and rows["accuracy"]["reached_target"] == "0/1"
     table = markdown_table(list(rows.values()), 0.99)
     assert "| speedrun | fp32 | 2 | 10.0 ± 0.0 |" in table and "1/13.7" in table and "not reached (0/1)" in table
+    assert "| 20.0 ± 0.0 | 22.0 ± 0.0 | 0.50 | - |" in table  # train and cold times, warm-up, no copy count
+
+
+def test_without_a_ceiling_the_fraction_is_left_out():
+    rows = summarize([run("speedrun", 1, 0.991, epoch_seconds=0.05)], {}, {"speedrun": "bf16"})
+    assert rows[0]["ceiling_fraction"] is None and rows[0]["train_to_target"] == (0.05, 0.0)
+    assert "| 0.050 ± 0.000 |" in markdown_table(rows, 0.99)
+
+
+def test_memcpy_counts_read_the_profilers_trace_by_direction():
+    trace = {"traceEvents": [
+        {"cat": "gpu_memcpy", "name": "Memcpy HtoD (Pageable -> Device)"},
+        {"cat": "gpu_memcpy", "name": "Memcpy DtoH (Device -> Pinned)"},
+        {"cat": "gpu_memcpy", "name": "Memcpy DtoH (Device -> Pageable)"},
+        {"cat": "cuda_runtime", "name": "cudaMemcpyAsync"},  # the host's call, not a copy
+        {"cat": "kernel", "name": "Memcpy HtoD lookalike"}]}
+    assert memcpy_counts(trace) == {"HtoD": 1, "DtoH": 2, "DtoD": 0}
+    assert memcpy_counts({}) == {"HtoD": 0, "DtoH": 0, "DtoD": 0}
 
 
 def test_matmul_ceiling_is_a_positive_rate():
@@ -48,8 +68,9 @@ def test_quick_benchmark_runs_every_recipe_end_to_end(tmp_path, mnist_root):
     results = json.loads((out / "results.json").read_text())
     rows = {r["recipe"]: r for r in results["summary"]}
     # every recipe ran, except bf16 where this CPU would only emulate it
-    assert set(rows) | set(results["skipped"]) == {"classic", "fast", "fast_bf16", "speedrun", "accuracy"}
-    assert set(results["skipped"]) <= {"fast_bf16"}
+    assert set(rows) | set(results["skipped"]) == {"classic", "fast", "fast_bf16", "speedrun", "accuracy",
+                                                   "speedrun_gpu"}
+    assert set(results["skipped"]) <= {"fast_bf16", "speedrun_gpu"}
     for r in rows.values():
         assert r["epochs_run"] == 1 and r["epoch_seconds"][0] > 0 and 0 < r["ceiling_fraction"]
         assert 0.0 <= r["test_acc_per_epoch"][0][0] <= 1.0
