@@ -167,8 +167,9 @@ def profiled_copies(p: Prepared) -> dict[str, int]:
     HtoD is what says whether the data stays on the GPU: 0 when every batch is sliced on the device."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        train_epoch(p)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if p.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        train_epoch(replace(p, scheduler=None))  # the schedule is spent: one more step past its end would raise
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))

@@ -5,6 +5,7 @@
 # Each step is its own bench process with its own time limit; a step that fails or runs out leaves the others.
 #
 #   MNIST_ROOT=/path/to/data scripts/gpu_bench.sh OUTDIR      # about 5 minutes on an H100
+#   STEPS="cold records" MNIST_ROOT=/path/to/data scripts/gpu_bench.sh OUTDIR     # only those steps
 #   BENCH_EXTRA='--quick trainer.device=cpu' MNIST_ROOT=tiny scripts/gpu_bench.sh /tmp/x   # a dry run of the script
 #
 # Writes OUTDIR/summary.md (every step's table, its command and its wall time), OUTDIR/results.tar.gz (every
@@ -40,21 +41,22 @@ step() {  # step NAME LIMIT_S BENCH_ARGS...: one bench process, timed from outsi
   echo "== $name: exit $rc after $("$py" -c "print(f'{$t1 - $t0:.1f}')") s"
 }
 
-graphs=(trainer.compile=true trainer.compile_mode=reduce-overhead)
-# the whole process to 99.0%, first on the machine: one seed, stopped at the target, no ceiling
-step cold 60 --recipes speedrun_gpu --seeds 1 --stop-at-target --ceiling-seconds 0
-# the records, eager: 3 seeds of each speed record, the ceiling, the copy count
-step records 150 --recipes speedrun_gpu,speedrun --seeds 3 --count-copies --ceiling-seconds 2
-step accuracy 90 --recipes accuracy --seeds 1 --count-copies --ceiling-seconds 0
-# CUDA graphs through torch.compile: compilation is in the warm-up column and in the cold process, not in training;
-# the cold process goes first, so that it compiles with an empty inductor cache
-step graphs_cold 100 --recipes speedrun_gpu --seeds 1 --stop-at-target --ceiling-seconds 0 "${graphs[@]}"
-step graphs 150 --recipes speedrun_gpu --seeds 3 --count-copies --ceiling-seconds 0 "${graphs[@]}"
-# larger and smaller batches, eager
-step batch2000 60 --recipes speedrun_gpu --seeds 3 --ceiling-seconds 0 data.batch_size=2000 optimizer.lr=0.03 \
-  trainer.epochs=5
-step batch500 60 --recipes speedrun_gpu --seeds 3 --ceiling-seconds 0 data.batch_size=500 optimizer.lr=0.01 \
-  trainer.epochs=3
-step compiled 100 --recipes speedrun_gpu --seeds 1 --ceiling-seconds 0 trainer.compile=true
+eager=(trainer.compile=false)  # speedrun_gpu without its CUDA graphs
+# Every step unless STEPS names some, e.g. STEPS="cold records".
+want() { [[ -z ${STEPS:-} || " $STEPS " == *" $1 "* ]]; }
+# the whole process to 99.0%, first on the machine (an empty inductor cache): one seed, stopped at the target
+want cold && step cold 100 --recipes speedrun_gpu --seeds 1 --stop-at-target --ceiling-seconds 0
+# the records: 3 seeds of each speed record, the ceiling, the copy count
+want records && step records 150 --recipes speedrun_gpu,speedrun --seeds 3 --count-copies --ceiling-seconds 2
+want eager_cold && step eager_cold 60 --recipes speedrun_gpu --seeds 1 --stop-at-target --ceiling-seconds 0 \
+  "${eager[@]}"
+want eager && step eager 60 --recipes speedrun_gpu --seeds 3 --count-copies --ceiling-seconds 0 "${eager[@]}"
+want accuracy && step accuracy 90 --recipes accuracy --seeds 1 --count-copies --ceiling-seconds 0
+# larger and smaller batches, eager; torch.compile without CUDA graphs
+want batch2000 && step batch2000 60 --recipes speedrun_gpu --seeds 3 --ceiling-seconds 0 "${eager[@]}" \
+  data.batch_size=2000 optimizer.lr=0.03 trainer.epochs=5
+want batch500 && step batch500 60 --recipes speedrun_gpu --seeds 3 --ceiling-seconds 0 "${eager[@]}" \
+  data.batch_size=500 optimizer.lr=0.01 trainer.epochs=3
+want compiled && step compiled 100 --recipes speedrun_gpu --seeds 1 --ceiling-seconds 0 trainer.compile_mode=default
 echo "== done"
 cat "$out/summary.md"

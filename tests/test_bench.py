@@ -5,7 +5,10 @@ import json
 import pytest
 import torch
 
-from mnist_sweep.bench import Epoch, RecipeRun, markdown_table, matmul_gflops, memcpy_counts, summarize
+from mnist_sweep.bench import (
+    Epoch, RecipeRun, markdown_table, matmul_gflops, memcpy_counts, profiled_copies, summarize)
+from mnist_sweep.config import compose_spec
+from mnist_sweep.train import fit, prepare
 from conftest import run_cli
 
 
@@ -56,6 +59,16 @@ def test_memcpy_counts_read_the_profilers_trace_by_direction():
 
 def test_matmul_ceiling_is_a_positive_rate():
     assert matmul_gflops(torch.float32, torch.device("cpu"), seconds=0.01, max_n=256) > 0
+
+
+def test_copies_are_counted_on_an_epoch_past_the_end_of_the_schedule(mnist_root):
+    """The profiled epoch comes after the whole one-cycle schedule: it must not step the scheduler past its end."""
+    spec = compose_spec(["experiment=speedrun", "trainer.epochs=1", "trainer.device=cpu", f"data.root={mnist_root}",
+                         "data.download=false", "data.val_size=200", "model.conv1_channels=4",
+                         "model.conv2_channels=8", "model.fc_width=16"])
+    p = prepare(spec)
+    fit(p)
+    assert profiled_copies(p) == {"HtoD": 0, "DtoH": 0, "DtoD": 0}  # no CUDA here: no device copies to see
 
 
 @pytest.mark.slow
