@@ -1,15 +1,18 @@
 """The benchmark: its arithmetic on known figures, and one quick end-to-end run of every recipe on tiny data."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from mnist_sweep.bench import (
-    Epoch, RecipeRun, markdown_table, matmul_gflops, memcpy_counts, profiled_copies, summarize)
+    Epoch, RecipeRun, main, markdown_table, matmul_gflops, memcpy_counts, profiled_copies, summarize)
 from mnist_sweep.config import compose_spec
 from mnist_sweep.train import fit, prepare
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 
 def run(recipe, seed, *accs, epoch_seconds=10.0):
@@ -71,6 +74,18 @@ def test_copies_are_counted_on_an_epoch_past_the_end_of_the_schedule(mnist_root)
     assert profiled_copies(p) == {"HtoD": 0, "DtoH": 0, "DtoD": 0}  # no CUDA here: no device copies to see
 
 
+def test_quick_schedules_one_epoch_and_takes_overrides_after_options(tmp_path, mnist_root):
+    """--quick's one epoch reaches the one-cycle schedule too: speedrun_gpu's 4-epoch schedule over one 1000-image
+    batch per epoch divided by zero. Overrides may follow the options."""
+    out = tmp_path / "bench"
+    assert main(["--recipes=speedrun_gpu", "--quick", f"data.root={mnist_root}", "--ceiling-seconds=0",
+                 f"--out={out}", "data.download=false", "data.val_size=200", "trainer.device=cpu",
+                 "trainer.precision=fp32", "trainer.compile=false", "model.conv1_channels=4",
+                 "model.conv2_channels=8", "model.fc_width=16"]) == 0
+    row = json.loads((out / "results.json").read_text())["summary"][0]
+    assert row["recipe"] == "speedrun_gpu" and row["epochs_run"] == 1 and row["ceiling_fraction"] is None
+
+
 @pytest.mark.slow
 def test_quick_benchmark_runs_every_recipe_end_to_end(tmp_path, mnist_root):
     out = tmp_path / "bench"
@@ -101,3 +116,28 @@ def test_quick_benchmark_runs_every_recipe_end_to_end(tmp_path, mnist_root):
 def test_bad_benchmark_arguments_fail_early_with_one_line(tmp_path, args, message):
     proc = run_cli(["--quick", *args], cwd=tmp_path, module="mnist_sweep.bench")
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+# What the GPU machine lacks: importing any of these fails, and no package declares Hydra plugins
+WITHOUT_SWEEP_PACKAGES = """
+import importlib.abc, importlib.metadata as md, sys
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("optuna", "mlflow", "hydra_plugins", "sqlalchemy"):
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, Missing())
+entry_points = md.entry_points
+md.entry_points = lambda **kw: md.EntryPoints([]) if kw.get("group") == "hydra.plugins" else entry_points(**kw)
+"""
+
+
+@pytest.mark.slow
+def test_the_bench_composes_without_optuna_mlflow_or_hydra_plugins(tmp_path):
+    """The GPU machine has torch, Hydra and OmegaConf only: the bench's compose must not load the Optuna sweeper's
+    settings (a single run needs no sweeper), nor import Optuna or MLflow."""
+    (tmp_path / "sitecustomize.py").write_text(WITHOUT_SWEEP_PACKAGES)
+    code = ("import sys; from mnist_sweep.config import compose_spec; spec = compose_spec(['experiment=speedrun_gpu']); "
+            "print(spec.trainer.compile_mode, [m for m in sys.modules if m.split('.')[0] in ('optuna', 'mlflow')])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
+    assert proc.returncode == 0 and proc.stdout.split() == ["reduce-overhead", "[]"], proc.stderr[-2000:]
