@@ -3,17 +3,24 @@
 1. ceiling: fp32 and bf16 matmul GFLOP/s with torch on the chosen device and thread count;
 2. classic: the pytorch/examples recipe (DataLoader + ToTensor, batch 64, Adadelta, fp32) on the classic net;
 3. fast (and fast_bf16 where bf16 is native): the same net, optimizer and batch size on in-memory batches;
-4. speedrun / accuracy: the records, `conf/experiment/{speedrun,accuracy}.yaml`.
+4. speedrun / accuracy: the records, `conf/experiment/{speedrun,accuracy}.yaml`;
+5. speedrun_gpu: the GPU speed record, `conf/experiment/speedrun_gpu.yaml` (bf16: left out where bf16 is emulated).
 
 Every recipe is composed exactly as `python -m mnist_sweep <overrides>` would compose it, trained by the same
-`train.fit` on the same split, and evaluated on the test set after every epoch. Its clock starts cold: the data
-cache is emptied, so the time to target includes reading the IDX files, building the model, training and the
-per-epoch test passes.
-Record recipes run their whole schedule over --seeds seeds; classic and fast stop once they reach the target.
-Results go to JSON and a markdown table; ratios are against the classic recipe of the same run.
+`train.fit` on the same split, and evaluated on the test set after every epoch. Two times to target are kept:
+- train: the training seconds of the epochs up to the one that reaches it (device synchronized, test passes out);
+- cold: a clock that starts with an empty data cache, so it also counts reading the IDX files, building the model,
+  the warm-up and the per-epoch test passes.
+On a GPU, or with trainer.compile, each run first warms up (train.warm_up: compilation, CUDA graph capture, cuDNN's
+algorithm search), then restores its state; the warm-up's seconds are reported on their own and are on the cold
+clock, never in the training time. The whole process (imports and CUDA start-up too) is timed from outside, e.g.
+`time python -m mnist_sweep.bench --recipes speedrun_gpu --stop-at-target --ceiling-seconds 0`.
+Record recipes run their whole schedule over --seeds seeds (unless --stop-at-target); classic and fast stop once
+they reach the target. Results go to JSON and a markdown table; ratios are against the classic recipe of the run.
 
     python -m mnist_sweep.bench --seeds 3                 # the README table (about 40 min on a 2-core CPU)
     python -m mnist_sweep.bench --quick data.root=/tmp/x  # 1 epoch each, 1 seed: the CI smoke test
+    python -m mnist_sweep.bench --recipes speedrun_gpu --seeds 3 --count-copies   # on a GPU
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -34,7 +42,7 @@ import torch
 from .data import clear_cache
 from .errors import UserError
 from .model import training_flops_per_image
-from .train import RunSpec, check_precision, fit, prepare, resolve_device
+from .train import Prepared, RunSpec, check_precision, fit, prepare, resolve_device, train_epoch, warm_up
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,8 @@ RECIPES = {
                         "fast, with bf16 autocast; left out by default where bf16 is emulated (4-8x slower)"),
     "speedrun": Recipe(["experiment=speedrun"], True, "conf/experiment/speedrun.yaml: fastest to 99.0%"),
     "accuracy": Recipe(["experiment=accuracy"], True, "conf/experiment/accuracy.yaml: highest test accuracy"),
+    "speedrun_gpu": Recipe(["experiment=speedrun_gpu"], True,
+                           "conf/experiment/speedrun_gpu.yaml: fastest to 99.0% on a GPU"),
 }
 BASELINE = "classic"
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -76,10 +86,14 @@ class RecipeRun:
     setup_seconds: float  # reading MNIST, building batches and model
     epochs: list[Epoch] = field(default_factory=list)
     time_to_target: float | None = None  # elapsed at the first epoch whose test accuracy reached the target
+    train_to_target: float | None = None  # training seconds of the epochs up to and including that one
+    warmup_seconds: float = 0.0  # train.warm_up, before the first epoch; in elapsed, not in epoch_seconds
+    data_device: str = ""  # where the training images are
+    copies: dict[str, int] | None = None  # memcpys of one extra profiled training epoch, by direction (GPU only)
 
 
 def matmul_gflops(dtype: torch.dtype, device: torch.device, seconds: float, max_n: int = 4096) -> float:
-    """Dense square matmul throughput: the ceiling a conv net's training can at best approach.
+    """Dense square matmul throughput on random data: the ceiling a conv net's training can at best approach.
 
     The size grows until one product takes 20 ms (so an emulated dtype is not timed on a huge matrix)."""
     n = 128
@@ -108,29 +122,69 @@ def _sync(device: torch.device) -> None:
 
 
 def run_recipe(name: str, spec: RunSpec, target: float, stop_at_target: bool,
-               on_epoch: Callable[[RecipeRun], None] = lambda run: None) -> RecipeRun:
-    """Train `spec` from a cold data cache, testing after every epoch. Returns the per-epoch figures."""
+               on_epoch: Callable[[RecipeRun], None] = lambda run: None, count_copies: bool = False) -> RecipeRun:
+    """Train `spec` from a cold data cache, testing after every epoch. Returns the per-epoch figures.
+
+    count_copies: afterwards, profile one more training epoch and count its memory copies (CUDA only)."""
     clear_cache()
     start = time.perf_counter()
     p = prepare(spec)
-    run = RecipeRun(name, spec.trainer.seed, time.perf_counter() - start)
+    run = RecipeRun(name, spec.trainer.seed, time.perf_counter() - start,
+                    data_device=str(getattr(p.splits.train, "images", torch.empty(0)).device)
+                    if spec.data.loader == "memory" else "cpu")
+    if p.device.type == "cuda" or spec.trainer.compile:  # where the first steps pay one-off costs
+        run.warmup_seconds = warm_up(p)
     flops_per_image = training_flops_per_image(spec.model)
+    trained = 0.0
 
     def epoch_end(epoch: int, m: dict[str, float]) -> bool:
+        nonlocal trained
         elapsed = time.perf_counter() - start
+        trained += m["epoch_seconds"]
         test_acc = m["val/acc"]  # fit's per-epoch evaluation, on the test split here (see below)
         run.epochs.append(Epoch(epoch, m["epoch_seconds"], m["train/images_per_s"],
                                 m["train/images_per_s"] * flops_per_image / 1e9, test_acc, elapsed))
         on_epoch(run)
         if run.time_to_target is None and test_acc >= target:
-            run.time_to_target = elapsed
+            run.time_to_target, run.train_to_target = elapsed, trained
             return stop_at_target
         return False
 
     # The bench scores every epoch on the test set: fit's per-epoch evaluation is pointed at the test split
     # instead of the validation split, so the clock counts one test pass per epoch and no validation pass.
     fit(replace(p, splits=replace(p.splits, val=p.splits.test)), epoch_end)
+    if count_copies and p.device.type == "cuda":
+        try:
+            run.copies = profiled_copies(p)
+        except (RuntimeError, OSError, ValueError) as e:  # no CUPTI: the timings above still count
+            print(f"warning: {name}: the copies could not be counted: {e}", file=sys.stderr)
     return run
+
+
+def profiled_copies(p: Prepared) -> dict[str, int]:
+    """Memory copies of one training epoch as the CUDA profiler saw them, by direction (HtoD, DtoH, DtoD...).
+
+    HtoD is what says whether the data stays on the GPU: 0 when every batch is sliced on the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if p.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        train_epoch(replace(p, scheduler=None))  # the schedule is spent: one more step past its end would raise
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        return memcpy_counts(json.loads(trace.read_text()))
+
+
+def memcpy_counts(trace: dict) -> dict[str, int]:
+    """Count a Chrome trace's device memory copies ("Memcpy HtoD (Pageable -> Device)", ...) by direction."""
+    counts = {"HtoD": 0, "DtoH": 0, "DtoD": 0}
+    for event in trace.get("traceEvents", []):
+        name = event.get("name", "")
+        if event.get("cat") == "gpu_memcpy" and name.startswith("Memcpy "):
+            direction = name.split()[1]
+            counts[direction] = counts.get(direction, 0) + 1
+    return counts
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -144,6 +198,8 @@ def summarize(runs: list[RecipeRun], ceiling: dict[str, float], precision: dict[
         mine = [r for r in runs if r.recipe == name]
         first = [r.epochs[0] for r in mine]  # epoch 1 of every seed: the like-for-like speed figure
         reached = [r.time_to_target for r in mine if r.time_to_target is not None]
+        trained = [r.train_to_target for r in mine if r.train_to_target is not None]
+        copies = next((r.copies for r in mine if r.copies is not None), None)
         gflops = statistics.fmean(e.gflops for e in first)
         rows.append({
             "recipe": name,
@@ -152,13 +208,17 @@ def summarize(runs: list[RecipeRun], ceiling: dict[str, float], precision: dict[
             "epoch_seconds": mean_std([e.epoch_seconds for e in first]),
             "images_per_s": statistics.fmean(e.images_per_s for e in first),
             "gflops": gflops,
-            "ceiling_fraction": gflops / ceiling[precision[name]],
+            "ceiling_fraction": gflops / ceiling[precision[name]] if precision[name] in ceiling else None,
             "test_acc_per_epoch": [mean_std([r.epochs[i].test_acc for r in mine])
                                    for i in range(min(len(r.epochs) for r in mine))],
             "final_test_acc": mean_std([r.epochs[-1].test_acc for r in mine]),
             "epochs_run": max(len(r.epochs) for r in mine),
             "time_to_target": mean_std(reached) if len(reached) == len(mine) else None,
+            "train_to_target": mean_std(trained) if len(trained) == len(mine) else None,
             "reached_target": f"{len(reached)}/{len(mine)}",
+            "warmup_seconds": statistics.fmean(r.warmup_seconds for r in mine),
+            "data_device": mine[0].data_device,
+            "copies_per_epoch": copies,
         })
     base = next((row for row in rows if row["recipe"] == BASELINE), None)
     for row in rows:
@@ -168,23 +228,33 @@ def summarize(runs: list[RecipeRun], ceiling: dict[str, float], precision: dict[
     return rows
 
 
-def _pm(ms: tuple[float, float] | None, fmt: str, scale: float = 1.0) -> str:
+def _pm(ms: tuple[float, float] | None, fmt: str | None = None, scale: float = 1.0) -> str:
+    """mean ± std; seconds (fmt None) get the decimals their size needs: 93.1, 9.40, 0.183."""
     if ms is None:
         return "not reached"
-    return f"{ms[0] * scale:{fmt}} ± {ms[1] * scale:{fmt}}"
+    mean, std = ms[0] * scale, ms[1] * scale
+    fmt = fmt or (".1f" if mean >= 10 else ".2f" if mean >= 1 else ".3f")
+    return f"{mean:{fmt}} ± {std:{fmt}}"
+
+
+def _fraction(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}" if x >= 0.01 else f"{x:.2%}"
 
 
 def markdown_table(rows: list[dict], target: float) -> str:
     head = ["recipe", "prec", "seeds", "s/epoch", "img/s", "GFLOP/s", "of ceiling", "test acc % by epoch",
-            "final test acc %", f"s to {target:.1%}", "epoch speedup", "time-to-target ratio"]
+            "final test acc %", f"s to {target:.1%} (train)", f"s to {target:.1%} (cold)", "warm-up s",
+            "HtoD copies/epoch", "epoch speedup", "time-to-target ratio"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     for r in rows:
         curve = " ".join(f"{m * 100:.2f}" for m, _ in r["test_acc_per_epoch"])
+        missed = "" if r["reached_target"].startswith(str(r["seeds"])) else f" ({r['reached_target']})"
+        copies = r.get("copies_per_epoch")
         lines.append("| " + " | ".join([
-            r["recipe"], r["precision"], str(r["seeds"]), _pm(r["epoch_seconds"], ".1f"), f"{r['images_per_s']:,.0f}",
-            f"{r['gflops']:.1f}", f"{r['ceiling_fraction']:.0%}", curve, _pm(r["final_test_acc"], ".2f", 100),
-            _pm(r["time_to_target"], ".1f") + ("" if r["reached_target"].startswith(str(r["seeds"]))
-                                               else f" ({r['reached_target']})"),
+            r["recipe"], r["precision"], str(r["seeds"]), _pm(r["epoch_seconds"]), f"{r['images_per_s']:,.0f}",
+            f"{r['gflops']:.1f}", _fraction(r["ceiling_fraction"]), curve, _pm(r["final_test_acc"], ".2f", 100),
+            _pm(r.get("train_to_target")) + missed, _pm(r["time_to_target"]) + missed,
+            f"{r.get('warmup_seconds', 0.0):.2f}", "-" if copies is None else str(copies.get("HtoD", 0)),
             f"{r['epoch_speedup']:.2f}x" if r["epoch_speedup"] else "-",
             f"1/{1 / r['time_to_target_ratio']:.1f}" if r["time_to_target_ratio"] else "-",
         ]) + " |")
@@ -232,8 +302,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     "fast): minutes per epoch on a CPU")
     ap.add_argument("--target", type=float, default=0.99, help="test accuracy whose time is measured")
     ap.add_argument("--quick", action="store_true", help="1 epoch per recipe, 1 seed, a small matmul: a smoke test")
+    ap.add_argument("--stop-at-target", action="store_true", help="record recipes stop at the target too (to time "
+                    "the whole process to the target)")
+    ap.add_argument("--ceiling-seconds", type=float, default=None, help="seconds to time each matmul ceiling "
+                    "(default 3, 0.2 with --quick); 0 skips it")
+    ap.add_argument("--count-copies", action="store_true", help="on CUDA, profile one more training epoch of each "
+                    "recipe and count its host<->device copies")
     ap.add_argument("--out", default="outputs/bench", help="folder for results.json and results.md")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,9 +326,11 @@ def main(argv: list[str] | None = None) -> int:
                             f"allowed: {', '.join(RECIPES)}")
         if args.seeds < 1 or args.classic_seeds < 1:
             raise UserError(f"--seeds={args.seeds} and --classic-seeds={args.classic_seeds} must be >= 1")
-        specs = {n: compose_spec(RECIPES[n].overrides + args.overrides) for n in names}  # every config error up front
-        if args.quick:
-            specs = {n: replace(s, trainer=replace(s.trainer, epochs=1)) for n, s in specs.items()}
+        if args.ceiling_seconds is not None and not args.ceiling_seconds >= 0:
+            raise UserError(f"--ceiling-seconds={args.ceiling_seconds} must be >= 0 (0 skips the ceiling)")
+        # --quick's one epoch is an override, so that schedules composed from trainer.epochs (one-cycle) follow it
+        quick = ["trainer.epochs=1"] if args.quick else []
+        specs = {n: compose_spec(RECIPES[n].overrides + args.overrides + quick) for n in names}  # config errors first
         device = prepare_device(next(iter(specs.values())))
         for n, s in list(specs.items()):
             emulated = check_precision(s.trainer.precision, device)
@@ -260,16 +338,19 @@ def main(argv: list[str] | None = None) -> int:
                 skipped[n] = emulated
                 del specs[n]
                 names.remove(n)
-        seconds = 0.2 if args.quick else 3.0
-        ceiling = {p: matmul_gflops(dtype, device, seconds) for p, dtype in PRECISION_DTYPES.items()}
+        seconds = args.ceiling_seconds if args.ceiling_seconds is not None else 0.2 if args.quick else 3.0
+        max_n = 8192 if device.type == "cuda" else 4096  # a GPU needs the larger size to reach its rate
+        ceiling = {p: matmul_gflops(dtype, device, seconds, max_n) for p, dtype in PRECISION_DTYPES.items()
+                   if seconds > 0}
         runs = []
         for name in names:
             seeds = 1 if args.quick else (args.seeds if RECIPES[name].record else args.classic_seeds)
             for i in range(seeds):
                 spec = specs[name]
                 spec = replace(spec, trainer=replace(spec.trainer, seed=spec.trainer.seed + i))
-                runs.append(run_recipe(name, spec, args.target, stop_at_target=not RECIPES[name].record,
-                                       on_epoch=progress_line))
+                stop = args.stop_at_target or not RECIPES[name].record
+                runs.append(run_recipe(name, spec, args.target, stop_at_target=stop, on_epoch=progress_line,
+                                       count_copies=args.count_copies and i == 0))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -308,8 +389,8 @@ def prepare_device(spec: RunSpec) -> torch.device:
 def describe(m: dict, ceiling: dict[str, float]) -> str:
     where = m.get("gpu") or (f"{m['cpu']} (flags: {m['cpu_flags'] or 'none listed'}), {m['logical_cores']} "
                              f"logical cores, {m['torch_threads']} torch threads")
-    return (f"{where}; torch {m['torch']} on {m['device']}. Matmul ceiling: fp32 {ceiling['fp32']:.1f} GFLOP/s, "
-            f"bf16 {ceiling['bf16']:.1f} GFLOP/s.")
+    rates = ", ".join(f"{p} {g:,.1f} GFLOP/s" for p, g in ceiling.items()) or "not measured"
+    return f"{where}; torch {m['torch']} on {m['device']}. Matmul ceiling: {rates}."
 
 
 if __name__ == "__main__":

@@ -123,9 +123,12 @@ def compose_spec(overrides: list[str]) -> RunSpec:
     from hydra import compose, initialize
     from hydra.errors import HydraException
 
+    # One run needs no sweeper: with the basic one and no search space, composing never loads the Optuna plugin's
+    # settings, so this works where only torch, Hydra and OmegaConf are installed (the bench on a GPU machine).
+    no_sweep = ["hydra/sweeper=basic", "hparams_search=none"]
     try:
         with initialize(config_path=CONFIG_PATH):
-            cfg = compose("config", overrides=overrides)
+            cfg = compose("config", overrides=[*no_sweep, *overrides])
     except HydraException as e:
         raise ConfigError(f"overrides {' '.join(overrides)}: {e}") from None
     return build_spec(cfg)

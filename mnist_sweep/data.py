@@ -208,17 +208,20 @@ class TensorBatches:
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle = batch_size, shuffle
         self.max_shift, self.max_rotation = max_shift, max_rotation
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        # The order and the augmentation are drawn where the images are: a CPU generator on a GPU would send each
+        # epoch's permutation and each batch's random angles to the device (a host copy and a sync each).
+        self.generator = torch.Generator(device=images.device).manual_seed(seed)
 
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
 
     def epoch_order(self) -> Tensor:
-        n = len(self.labels)
-        return torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        n, device = len(self.labels), self.images.device
+        return torch.randperm(n, generator=self.generator, device=device) if self.shuffle else torch.arange(
+            n, device=device)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        order = self.epoch_order().to(self.images.device)
+        order = self.epoch_order()
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             x = self.images[idx]
@@ -244,13 +247,14 @@ class Reshuffle(torch.utils.data.Sampler):
 
 def augment(x: Tensor, max_shift: int, max_rotation: float, generator: torch.Generator) -> Tensor:
     """Random rotation and translation of a normalized batch, one affine warp for the whole batch."""
-    n = x.shape[0]
-    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(max_rotation)
+    n, device = x.shape[0], x.device  # `generator` lives on x's device: no host copy per batch
+    angle = (torch.rand(n, generator=generator, device=device) * 2 - 1) * math.radians(max_rotation)
     # affine_grid works in [-1, 1] coordinates: one pixel is 2/28
-    shift = (torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator).float() * 2 / x.shape[-1])
+    shift = (torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator, device=device).float()
+             * 2 / x.shape[-1])
     cos, sin = angle.cos(), angle.sin()
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     background = x.amin()  # the normalized value of a black pixel
     return F.grid_sample(x - background, grid, align_corners=False, padding_mode="zeros") + background
 

@@ -8,6 +8,7 @@ channels_last are switches, and every epoch's metrics go to a callback instead o
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,10 +21,12 @@ from torch import Tensor
 
 from .data import DataConfig, Splits, build_splits
 from .errors import ConfigError, DivergedError
-from .model import ModelConfig, build_model, count_parameters
+from .model import IMAGE_SIZE, NUM_CLASSES, ModelConfig, build_model, count_parameters
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("fp32", "bf16")
+# torch.compile's modes; reduce-overhead replays the compiled forward and backward as CUDA graphs
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SCHEDULER_INTERVALS = ("epoch", "step")
 
 # Every metric a run records, with the direction that makes it better. The same strings are MLflow metric
@@ -52,6 +55,7 @@ class TrainerConfig:
     channels_last: bool = False  # NHWC memory format for the convs
     threads: int = 0  # torch CPU threads; 0 keeps torch's default (one per core)
     compile: bool = False  # torch.compile the model (pays off only for long runs)
+    compile_mode: str = "default"  # torch.compile's mode, when compile is true (COMPILE_MODES)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -59,6 +63,9 @@ class TrainerConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"trainer.precision={self.precision!r} is not a precision; allowed: "
                               f"{', '.join(PRECISIONS)}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"trainer.compile_mode={self.compile_mode!r} is not a torch.compile mode; allowed: "
+                              f"{', '.join(COMPILE_MODES)}")
         if self.threads < 0:
             raise ConfigError(f"trainer.threads={self.threads} must be >= 0 (0 = torch's default)")
         name, colon, index = self.device.partition(":")
@@ -168,12 +175,18 @@ def prepare(spec: RunSpec) -> Prepared:
         raise ConfigError(f"optimizer: {e}") from None
     scheduler = None
     if spec.make_scheduler is not None:
+        steps = len(splits.train)
         try:
-            scheduler = spec.make_scheduler(optimizer, len(splits.train))
+            scheduler = spec.make_scheduler(optimizer, steps)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"scheduler: {e}") from None
+        except ZeroDivisionError:  # OneCycleLR over fewer steps than its phases need
+            raise ConfigError(f"scheduler: {steps} batch(es) per epoch x trainer.epochs={spec.trainer.epochs} are "
+                              f"too few steps for this schedule ({splits.num_train} training images, "
+                              f"data.batch_size={spec.data.batch_size}); train more epochs or use a smaller "
+                              "data.batch_size") from None
     if spec.trainer.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=spec.trainer.compile_mode)
     return Prepared(spec, device, splits, model, optimizer, scheduler, num_params, warnings)
 
 
@@ -226,6 +239,62 @@ def train_epoch(p: Prepared, progress: Callable[[Iterable], Iterable] = iter) ->
     if not math.isfinite(mean_loss):
         raise DivergedError(_diverged_message(p, len(p.splits.train) - 1))
     return {"train/loss": mean_loss, "epoch_seconds": seconds, "train/images_per_s": seen / seconds}
+
+
+def warm_up(p: Prepared, steps: int = 3) -> float:
+    """Run `steps` training steps on every batch shape an epoch has, and one evaluation batch of each shape, on
+    random inputs; then put back the weights, BatchNorm statistics, optimizer state and random generators, so the
+    run trains exactly as it would have without it. Returns the seconds it took.
+
+    What it pays for up front: torch.compile's compilation and CUDA graph capture, cuDNN's algorithm search
+    (cudnn.benchmark) and the lazy creation of CUDA handles. A benchmark reports these seconds beside the training
+    time, never inside it. The batch order and augmentation generators are not touched (random inputs, no batches
+    drawn)."""
+    model, opt, device, tcfg = p.model, p.optimizer, p.device, p.spec.trainer
+    start = time.perf_counter()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt_state = copy.deepcopy(opt.state_dict())
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    train_sizes = batch_sizes(p.splits.num_train, p.spec.data.batch_size)
+    eval_sizes = batch_sizes(p.splits.num_val, p.spec.data.eval_batch_size) | batch_sizes(
+        p.splits.num_test, p.spec.data.eval_batch_size)
+    model.train()
+    for n in sorted(train_sizes, reverse=True):
+        for _ in range(steps):
+            x, y = _random_batch(n, device, tcfg.channels_last)
+            with autocast(tcfg.precision, device):
+                loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad(), autocast(tcfg.precision, device):
+        for n in sorted(eval_sizes, reverse=True):
+            for _ in range(steps):
+                model(_random_batch(n, device, tcfg.channels_last)[0])
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        model.load_state_dict(weights)  # copies in place: a CUDA graph's static weights stay where they are
+    opt.load_state_dict(opt_state)
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state(cuda_rng, device)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def batch_sizes(n: int, batch_size: int) -> set[int]:
+    """The sizes of the batches that slicing n items into batch_size ones gives: the full one and the remainder."""
+    return {min(n, batch_size)} | ({n % batch_size} if n > batch_size and n % batch_size else set())
+
+
+def _random_batch(n: int, device: torch.device, channels_last: bool) -> tuple[Tensor, Tensor]:
+    x = torch.randn(n, 1, IMAGE_SIZE, IMAGE_SIZE, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, NUM_CLASSES, (n,), device=device)
 
 
 def _diverged_message(p: Prepared, step: int) -> str:

@@ -31,6 +31,7 @@ BAD_INPUTS = [
     ("trainer.device=tpu", "trainer.device='tpu' is not a device"),
     ("trainer.device=cuda:abc", "trainer.device='cuda:abc' is not a device; allowed: auto, cpu, cuda, cuda:N"),
     ("trainer.precision=fp16", "trainer.precision='fp16' is not a precision"),
+    ("trainer.compile_mode=turbo", "trainer.compile_mode='turbo' is not a torch.compile mode"),
     ("optimized_metric=val/f1", "optimized_metric='val/f1' is not a metric"),
     ("optimizer.lr=-1", "optimizer.lr=-1 must be > 0"),
     ("optimizer.lr=0", "optimizer.lr=0 must be > 0"),

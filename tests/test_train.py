@@ -12,7 +12,8 @@ from mnist_sweep.data import DataConfig
 from mnist_sweep.errors import ConfigError, DivergedError
 from mnist_sweep.model import ModelConfig
 from mnist_sweep.train import (
-    RunSpec, TrainerConfig, confusion_matrix, evaluate, fit, objective_values, prepare, resolve_device)
+    RunSpec, TrainerConfig, batch_sizes, confusion_matrix, evaluate, fit, objective_values, prepare, resolve_device,
+    warm_up)
 
 SMALL = ModelConfig(conv1_channels=8, conv2_channels=16, fc_width=32)
 
@@ -95,7 +96,9 @@ def test_confusion_matrix_counts_true_by_predicted():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"epochs": 0}, r"trainer\.epochs=0"), ({"device": "tpu"}, r"trainer\.device='tpu'"),
-    ({"precision": "fp16"}, r"trainer\.precision='fp16'"), ({"threads": -1}, r"trainer\.threads=-1")])
+    ({"precision": "fp16"}, r"trainer\.precision='fp16'"), ({"threads": -1}, r"trainer\.threads=-1"),
+    ({"compile_mode": "fastest"}, r"trainer\.compile_mode='fastest' is not a torch\.compile mode; allowed: default, "
+                                  r"reduce-overhead, max-autotune, max-autotune-no-cudagraphs$")])
 def test_bad_trainer_values(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         TrainerConfig(**kwargs)
@@ -116,3 +119,34 @@ def test_optimized_metric_must_exist(mnist_root):
 def test_bad_learning_rate_fails_before_training(mnist_root):
     with pytest.raises(ConfigError, match="optimizer: Invalid learning rate"):
         prepare(spec_for(mnist_root, lr=-1.0))
+
+
+def test_warm_up_leaves_the_run_as_it_was(mnist_root):
+    """warm_up trains on random batches, then restores weights, BatchNorm statistics, AdamW's moments and the
+    dropout generator: the run trains to the very same weights as one that never warmed up."""
+    spec = dataclasses.replace(spec_for(mnist_root, epochs=1), model=dataclasses.replace(SMALL, batch_norm=True),
+                               make_optimizer=functools.partial(torch.optim.AdamW, lr=1e-3))
+    plain = prepare(spec)
+    fit(plain)
+    warmed = prepare(spec)
+    assert warm_up(warmed, steps=2) > 0
+    fit(warmed)
+    for (name, a), b in zip(plain.model.state_dict().items(), warmed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("n, batch, sizes", [(55000, 1024, {1024, 728}), (55000, 1000, {1000}), (200, 1000, {200}),
+                                             (10, 3, {3, 1})])
+def test_batch_sizes_are_the_full_batch_and_the_remainder(n, batch, sizes):
+    assert batch_sizes(n, batch) == sizes
+
+
+def test_a_schedule_over_too_few_steps_is_a_config_error(mnist_root):
+    """OneCycleLR divides by zero over a handful of steps (big batches on little data): one line says why."""
+    spec = dataclasses.replace(spec_for(mnist_root, epochs=4), make_scheduler=lambda opt, steps: (
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, epochs=4, steps_per_epoch=steps, pct_start=0.25,
+                                            cycle_momentum=False)))
+    spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, batch_size=4096))
+    with pytest.raises(ConfigError, match=r"scheduler: 1 batch\(es\) per epoch x trainer.epochs=4 are too few steps "
+                                          r".*data.batch_size=4096\); train more epochs or use a smaller"):
+        prepare(spec)
