@@ -276,7 +276,8 @@ def test_a_storage_group_on_the_command_line_ends_in_a_best_config(tmp_path, mni
 
 
 def test_a_plain_hydra_grid_runs_with_the_basic_sweeper(tmp_path, mnist_root):
-    result = run_cli(["--multirun", *cli_args(tmp_path, mnist_root, "trainer.epochs=1"), "hydra/sweeper=basic",
+    args = [a for a in cli_args(tmp_path, mnist_root, "trainer.epochs=1") if not a.startswith("hydra.sweeper.")]
+    result = run_cli(["--multirun", *args, "hydra/sweeper=basic",
                       "hparams_search=none", "trainer.seed=1,2"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     _, runs = mlflow_runs(tmp_path)
