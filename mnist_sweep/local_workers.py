@@ -106,18 +106,25 @@ def signal_name(returncode: int) -> str:
 
 
 class Workers:
-    """The running local workers of one sweep, as the main process sees them."""
+    """The running local workers of one sweep, as the main process sees them; a `with` block that no worker
+    outlives: leaving it by an exception (Ctrl-C, SIGTERM, an error here) stops them and waits for them."""
 
-    def __init__(self, procs: list[subprocess.Popen], reports: int) -> None:
+    def __init__(self, procs: list[subprocess.Popen], reports: int, on_death: Callable[[subprocess.Popen], None],
+                 previous_sigterm) -> None:
         self.procs = procs
         self.reports = reports  # read end of the workers' report pipe
+        self.on_death = on_death
+        self.previous_sigterm = previous_sigterm
         self.seen_dead: set[int] = set()
 
     @classmethod
-    def start(cls, n: int, command: list[str], cwd: str, env: Mapping[str, str], study: str,
-              n_trials: int, cores: int | None) -> "Workers":
-        """n workers of `command`. They start with Ctrl-C and SIGTERM blocked, so a signal that comes while they
-        import and compose their config waits until they can end cleanly (stop_once_on_signals)."""
+    def start(cls, n: int, command: list[str], cwd: str, env: Mapping[str, str], study: str, n_trials: int,
+              cores: int | None, on_death: Callable[[subprocess.Popen], None]) -> "Workers":
+        """n workers of `command`; `on_death` is called once for each one a signal kills. They start with Ctrl-C
+        and SIGTERM blocked, so a signal that comes while they import and compose their config waits until they
+        can end cleanly (stop_once_on_signals). SIGTERM to this process raises Terminated from now on (a Hydra
+        app may not handle it), so that it reaches the workers too."""
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if _in_main_thread() else None
         read, write = os.pipe()
         os.set_blocking(read, False)
         env = worker_env(env, LocalWorker(study, n_trials, write), n, cores)
@@ -131,50 +138,53 @@ class Workers:
                 p.kill()
                 p.wait()
             os.close(read)
+            _restore(signal.SIGTERM, previous)
             raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
             os.close(write)
-        return cls(procs, read)
+        return cls(procs, read, on_death, previous)
+
+    def __enter__(self) -> "Workers":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            if error is not None:
+                plain_ctrl_c = isinstance(error, KeyboardInterrupt) and not isinstance(error, Terminated)
+                self.stop(signal.SIGINT if plain_ctrl_c else signal.SIGTERM)
+        finally:
+            if _in_main_thread():
+                _restore(signal.SIGTERM, self.previous_sigterm)
+            os.close(self.reports)
 
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 
-    def wait(self, on_death: Callable[[subprocess.Popen], None]) -> subprocess.Popen | None:
+    def wait(self) -> subprocess.Popen | None:
         """Wait until every worker has ended. A worker that exits non-zero stops the others (SIGTERM) and is
-        returned; one that a signal killed is passed to `on_death` (its siblings go on). Ctrl-C or SIGTERM to this
-        process is forwarded to the workers, which are waited for before it propagates."""
-        in_main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
-        try:
-            while True:
-                for p in self.procs:
-                    if p.poll() is not None and p.returncode > 0:
-                        self.stop(signal.SIGTERM, on_death)
-                        return p
-                self._report_deaths(on_death)
-                if all(p.returncode is not None for p in self.procs):
-                    return None
-                time.sleep(POLL_S)
-        except KeyboardInterrupt as e:
-            self.stop(signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT, on_death)
-            raise
-        finally:
-            if in_main:
-                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        returned; one that a signal killed goes to `on_death`, and its siblings go on."""
+        while True:
+            for p in self.procs:
+                if p.poll() is not None and p.returncode > 0:
+                    self.stop(signal.SIGTERM)
+                    return p
+            self._report_deaths()
+            if all(p.returncode is not None for p in self.procs):
+                return None
+            time.sleep(POLL_S)
 
-    def stop(self, sig: int, on_death: Callable[[subprocess.Popen], None]) -> None:
+    def stop(self, sig: int) -> None:
         """Send `sig` to the live workers and wait for all of them. A second Ctrl-C or SIGTERM meanwhile kills
-        them (their trials are then failed by `on_death`)."""
+        them (their trials then go to `on_death`)."""
 
         def kill(signum: int, frame) -> None:
             for p in self.procs:
                 if p.returncode is None:
                     p.send_signal(signal.SIGKILL)
 
-        in_main = threading.current_thread() is threading.main_thread()
-        previous = {s: signal.signal(s, kill) for s in STOP_SIGNALS} if in_main else {}
+        previous = {s: signal.signal(s, kill) for s in STOP_SIGNALS} if _in_main_thread() else {}
         try:
             for p in self.procs:
                 if p.poll() is None:
@@ -183,14 +193,14 @@ class Workers:
                 time.sleep(POLL_S)
         finally:
             for s, handler in previous.items():
-                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-        self._report_deaths(on_death)
+                _restore(s, handler)
+        self._report_deaths()
 
-    def _report_deaths(self, on_death: Callable[[subprocess.Popen], None]) -> None:
+    def _report_deaths(self) -> None:
         for p in self.procs:
             if p.returncode is not None and p.returncode < 0 and p.pid not in self.seen_dead:
                 self.seen_dead.add(p.pid)
-                on_death(p)
+                self.on_death(p)
 
     def failure_lines(self) -> list[str]:
         """The lines failed workers wrote to explain themselves, first failure first."""
@@ -205,9 +215,6 @@ class Workers:
             chunks.append(chunk)
         return [line for line in b"".join(chunks).decode(errors="replace").splitlines() if line.strip()]
 
-    def close(self) -> None:
-        os.close(self.reports)
-
 
 class WorkerFailed(Exception):
     """A local worker exited non-zero and the others were stopped: the sweep exits with `code` after `line`."""
@@ -220,3 +227,11 @@ class WorkerFailed(Exception):
 
 def _raise_terminated(signum: int, frame) -> None:
     raise Terminated()
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()  # only there can handlers be set
+
+
+def _restore(sig: int, handler) -> None:
+    signal.signal(sig, handler if handler is not None else signal.SIG_DFL)  # None: set outside Python

@@ -263,8 +263,9 @@ class OptunaPruningSweeper(Sweeper):
             return False
         launcher = type(self.launcher).__name__
         if launcher != "BasicLauncher" or not local_workers.SUPPORTED:
-            log.info(f"hydra.sweeper.local_workers: {launcher} on {os.name} runs batches of n_jobs trials instead "
-                     "(local workers need Hydra's basic launcher, on a POSIX system)")
+            where = launcher if local_workers.SUPPORTED else f"{launcher} on {os.name}"
+            log.info(f"hydra.sweeper.local_workers: {where} runs batches of n_jobs trials instead (local workers "
+                     "need Hydra's basic launcher on a POSIX system)")
             return False
         return True
 
@@ -275,12 +276,8 @@ class OptunaPruningSweeper(Sweeper):
         once, for the others to re-run."""
         sweep_dir = Path(self.config.hydra.sweep.dir).absolute()
         command = local_workers.worker_command(sys.orig_argv, sys.executable, sweep_dir)
-        workers = local_workers.Workers.start(n_workers, command, self.config.hydra.runtime.cwd, os.environ,
-                                              study.study_name, n_trials, os.cpu_count())
         threads = local_workers.thread_env(os.environ, n_workers, os.cpu_count()).get(
             "OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "default"))
-        log.info(f"{n_workers} local worker processes (pids {', '.join(map(str, workers.pids))}), "
-                 f"{threads} OpenMP thread(s) each; each takes the next trial as soon as its own ends")
 
         def on_death(proc: subprocess.Popen) -> None:
             how = local_workers.signal_name(proc.returncode)
@@ -290,11 +287,12 @@ class OptunaPruningSweeper(Sweeper):
                         + (f"its trial {', '.join(map(str, failed))} is FAIL and queued again for the other workers"
                            if failed else "it held no trial"))
 
-        try:
-            failed = workers.wait(on_death)
+        with local_workers.Workers.start(n_workers, command, self.config.hydra.runtime.cwd, os.environ,
+                                         study.study_name, n_trials, os.cpu_count(), on_death) as workers:
+            log.info(f"{n_workers} local worker processes (pids {', '.join(map(str, workers.pids))}), "
+                     f"{threads} OpenMP thread(s) each; each takes the next trial as soon as its own ends")
+            failed = workers.wait()
             lines = workers.failure_lines()
-        finally:
-            workers.close()
         if failed is not None:
             raise local_workers.WorkerFailed(failed.returncode, lines[0] if lines else (
                 f"local worker {failed.pid} ended with {local_workers.signal_name(failed.returncode)}; the other "
@@ -409,10 +407,11 @@ class OptunaPruningSweeper(Sweeper):
             batch = studies.claim_trials(study, storage, n_trials, settings.n_jobs,
                                          lambda s: self._reseed_if_others_claimed(s, distributions), prepare)
             if not batch:
-                # a dead worker's trial re-queued after this claim makes room again: claim once more
-                if not (running := studies.running_count(study)) and studies.budget_used(study) >= n_trials:
-                    return
-                if running and running != waiting_for:
+                if not (running := studies.running_count(study)):
+                    if studies.budget_used(study) >= n_trials:
+                        return
+                    continue  # a dead worker's trial, re-queued since this claim counted the budget: claim it
+                if running != waiting_for:
                     log.info(f"budget spent; waiting for {running} running trial(s) of other workers to end")
                 waiting_for = running
                 # a local worker's sibling ends within seconds, and it ends the sweep's wall time

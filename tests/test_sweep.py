@@ -149,6 +149,8 @@ def test_joblib_launcher_runs_trials_in_parallel_processes_and_prunes(tmp_path, 
                                 "hydra.sweeper.sampler.seed=0", "hydra.sweeper.pruner.n_startup_trials=1",
                                 "hydra/launcher=joblib", "hydra.sweeper.n_jobs=2"), cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # the app's local_workers: true leaves joblib its batches: it brings its own processes
+    assert "runs batches of n_jobs trials" in result.stdout + result.stderr
     study, _, parents, children = study_and_runs(tmp_path)
     assert len(study.trials) == 6 and len(children) == 6 and len(parents) == 1
     assert any(t.state == TrialState.PRUNED for t in study.trials)

@@ -340,10 +340,10 @@ except KeyboardInterrupt as e:
 """
 
 
-def start_children(tmp_path, first: str, others: str, start_s: float = 0.0) -> Workers:
+def start_children(tmp_path, first: str, others: str, start_s: float = 0.0, on_death=lambda proc: None) -> Workers:
     env = {**os.environ, "PYTHONPATH": str(REPO), "ROLE_DIR": str(tmp_path), "FIRST": first, "OTHERS": others,
            "START_S": str(start_s)}
-    return Workers.start(2, [sys.executable, "-c", CHILD], str(tmp_path), env, "s", 4, os.cpu_count())
+    return Workers.start(2, [sys.executable, "-c", CHILD], str(tmp_path), env, "s", 4, os.cpu_count(), on_death)
 
 
 def cleanup_of(tmp_path, proc) -> str | None:
@@ -352,11 +352,10 @@ def cleanup_of(tmp_path, proc) -> str | None:
 
 
 def test_a_failing_local_worker_stops_the_others_and_its_line_is_passed_on(tmp_path):
-    workers = start_children(tmp_path, first="fail", others="60")
     deaths = []
-    failed = workers.wait(deaths.append)
-    lines = workers.failure_lines()
-    workers.close()
+    with start_children(tmp_path, first="fail", others="60", on_death=deaths.append) as workers:
+        failed = workers.wait()
+        lines = workers.failure_lines()
     (other,) = [p for p in workers.procs if p is not failed]
     assert failed.returncode == 2 and lines == ["error: the first worker says why"]
     assert other.returncode == 143 and cleanup_of(tmp_path, other) == "Terminated"  # stopped cleanly, at once
@@ -370,14 +369,12 @@ def raise_terminated(signum, frame):  # SIGTERM as the CLI takes it
 def test_sigterm_to_the_sweep_reaches_its_local_workers_even_while_they_start(tmp_path):
     """SIGTERM comes while the workers still start (2 s): they hold it, then end the clean way; the sweep waits
     for them and ends with the same exception, so its parent run ends KILLED."""
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)  # a late signal must not end pytest
     try:
-        workers = start_children(tmp_path, first="60", others="60", start_s=2.0)
-        timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
-        timer.start()
         with pytest.raises(Terminated):
-            workers.wait(lambda proc: None)
-        workers.close()
+            with start_children(tmp_path, first="60", others="60", start_s=2.0) as workers:
+                threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+                workers.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert [p.returncode for p in workers.procs] == [143, 143]
@@ -385,13 +382,32 @@ def test_sigterm_to_the_sweep_reaches_its_local_workers_even_while_they_start(tm
 
 
 def test_a_killed_local_worker_is_reported_and_the_others_go_on(tmp_path):
-    workers = start_children(tmp_path, first="3", others="3")
-    threading.Timer(1.0, workers.procs[0].kill).start()
     deaths = []
-    assert workers.wait(deaths.append) is None  # no failure: the other worker ends its work
-    workers.close()
+    with start_children(tmp_path, first="3", others="3", on_death=deaths.append) as workers:
+        threading.Timer(1.0, workers.procs[0].kill).start()
+        assert workers.wait() is None  # no failure: the other worker ends its work
     assert deaths == [workers.procs[0]] and workers.procs[0].returncode == -signal.SIGKILL
     assert workers.procs[1].returncode == 0
+
+
+def test_a_killed_local_workers_trial_is_failed_at_once_and_queued_again(tmp_path):
+    """The main process knows its worker is dead: no grace period to wait out, no heartbeat needed."""
+    from omegaconf import OmegaConf
+
+    from mnist_sweep.sweeper import OptunaPruningSweeper
+
+    storage = sweep.make_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(study_name="s", storage=storage)
+    for worker in ("host:1", "host:2"):
+        trial = study.ask()
+        trial.suggest_float("x", 0.0, 1.0)
+        trial.set_user_attr(sweep.WORKER_ATTR, worker)
+    sweeper = OptunaPruningSweeper(sampler=OmegaConf.create({"_target_": "optuna.samplers.RandomSampler"}))
+    assert sweeper._fail_trials_of(study, storage, "host:1", "its local worker process 1 was killed", None) == [0]
+    dead, alive, retry = study.trials
+    assert dead.state == TrialState.FAIL and dead.user_attrs["fail_reason"] == "its local worker process 1 was killed"
+    assert alive.state == TrialState.RUNNING  # another worker's trial is left alone
+    assert retry.state == TrialState.WAITING and retry.params == dead.params and retry.system_attrs["failed_trial"] == 0
 
 
 @pytest.mark.slow
