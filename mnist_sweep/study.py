@@ -48,6 +48,9 @@ STORAGE_ENV = "OPTUNA_SWEEP_STORAGE"  # Optuna storage URL of the study
 STUDY_ENV = "OPTUNA_SWEEP_STUDY"  # study name
 TRIAL_ENV = "OPTUNA_SWEEP_TRIAL"  # trial number within the study
 PRUNER_ENV = "OPTUNA_SWEEP_PRUNER"  # the pruner as JSON: {"_target_": "optuna.pruners.MedianPruner", ...}
+# set in the environment of the sweep's local worker processes only (hydra.sweeper.local_workers): JSON of
+# local_workers.LocalWorker, {"study": name, "n_trials": budget of this invocation, "report_fd": pipe}
+LOCAL_WORKER_ENV = "OPTUNA_SWEEP_LOCAL_WORKER"
 PRUNER_TARGETS = "optuna.pruners."  # what PRUNER_ENV may build
 STUDY_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # a file name on every OS, no path parts
 CONNECT_TIMEOUT_S = 5  # a worker whose database does not answer in this many seconds stops with a clear error
@@ -209,6 +212,18 @@ def claim_trials(study: optuna.Study, storage: RDBStorage, n_trials: int, most: 
                 raise ConfigError(f"hydra.sweeper.sampler: {reason}") from None
             raise
         return batch
+
+
+def fail_running_trials_of(study: optuna.Study, storage: RDBStorage, worker: str, reason: str) -> list[int]:
+    """FAIL, with the reason, the RUNNING trials that `worker` (WORKER_ATTR, host:pid) claimed; for a worker known
+    to be dead. Returns their numbers. Call it under claim_lock, so no worker counts the budget meanwhile."""
+    numbers = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get(WORKER_ATTR) == worker:
+            storage.set_trial_user_attr(trial_id(storage, study.study_name, t.number), FAIL_REASON_ATTR, reason)
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            numbers.append(t.number)
+    return numbers
 
 
 def suggest(trial: optuna.Trial, distributions: dict[str, optuna.distributions.BaseDistribution]) -> None:

@@ -10,6 +10,8 @@ the app it sweeps.
 - Resume (`total_budget: true`): `n_trials` is the study's total; the same command continues the same study, and
   trials of dead or interrupted processes are failed and re-run once (`heartbeat_interval`).
 - Workers: the same command on many machines shares one study and its budget exactly (claims under a lock).
+  With `local_workers: true` the sweep starts n_jobs such workers on this machine itself (local_workers.py):
+  a core takes the next trial as soon as its own ends or is pruned, with no batch barrier.
 - MLflow (`mlflow.tracking_uri`): one parent run per study, one child run per trial, created here; the job gets
   MLFLOW_RUN_ID and MLFLOW_TRACKING_URI, so a plain `mlflow.start_run()` in the app logs into its trial's run.
 - The winner: `best_config_dir` gets the best trial as an experiment config; `on_best` is called with its run.
@@ -28,10 +30,12 @@ import math
 import os
 import re
 import shlex
+import socket
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -50,7 +54,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from . import results, study as studies, tracking
+from . import local_workers, results, study as studies, tracking
 from .errors import ConfigError, StopSweep, Terminated, UserError, one_line
 from .redact import mask_secrets
 
@@ -78,7 +82,7 @@ class OptunaPruningSweeperConf:
     storage: Any = None  # null: a SQLite file in the sweep folder, new each invocation
     study_name: Optional[str] = None  # null: derived from space_name and the space, else Optuna's random name
     n_trials: Any = 20  # trials of this invocation (of the whole study with total_budget)
-    n_jobs: Any = 2  # trials launched together
+    n_jobs: Any = 2  # trials launched together (with local_workers: trials running at once)
     max_failure_rate: Any = 0.0  # stop once more than this share of n_trials has failed
     params: Optional[dict[str, Any]] = None  # the search space: {key: sweep expression}
     custom_search_space: Optional[str] = None  # dotpath of fn(cfg, trial) that suggests more params
@@ -90,6 +94,9 @@ class OptunaPruningSweeperConf:
     grace_period: Any = None  # seconds without a heartbeat before a trial counts as dead
     metric_names: Optional[list[str]] = None  # names of the objectives (optuna-dashboard's axes, MLflow)
     mlflow: MLflowSettings = field(default_factory=MLflowSettings)
+    # n_jobs > 1 with Hydra's basic launcher: n_jobs worker processes, each taking the next trial as its own ends
+    # (no batch barrier), cores // n_jobs threads each; false: batches of n_jobs through the launcher (upstream's)
+    local_workers: bool = False
     best_config_dir: Optional[str] = None  # write the best trial to <dir>/experiment/<study>_best.yaml
     best_config_exclude: list[str] = field(default_factory=list)  # keys and groups kept out of that config
     on_best: Any = None  # a _target_ called with run_id= (the best trial's MLflow run) when the sweep ends
@@ -138,7 +145,8 @@ class OptunaPruningSweeper(Sweeper):
                  params: DictConfig | None = None, custom_search_space: str | None = None,
                  total_budget: bool = False, space_name: str | None = None, heartbeat_interval: Any = None,
                  grace_period: Any = None, metric_names: Any = None, mlflow: Any = None,
-                 best_config_dir: str | None = None, best_config_exclude: Any = (), on_best: Any = None) -> None:
+                 local_workers: bool = False, best_config_dir: str | None = None, best_config_exclude: Any = (),
+                 on_best: Any = None) -> None:
         # Checked in sweep(), where a bad value is one error line; raised here it would be Hydra's traceback
         self.raw = dict(n_trials=n_trials, n_jobs=n_jobs, max_failure_rate=max_failure_rate,
                         heartbeat_interval=heartbeat_interval, grace_period=grace_period, direction=direction)
@@ -152,6 +160,8 @@ class OptunaPruningSweeper(Sweeper):
         self.space_name = space_name
         self.metric_names = list(metric_names) if metric_names else None
         self.mlflow = OmegaConf.to_container(mlflow, resolve=True) if mlflow else {}
+        self.local_workers = local_workers
+        self.worker: local_workers.LocalWorker | None = None  # set in a local worker process
         self.best_config_dir = best_config_dir
         self.best_config_exclude = tuple(best_config_exclude or ())
         self.on_best = on_best
@@ -164,39 +174,41 @@ class OptunaPruningSweeper(Sweeper):
             config=config, hydra_context=hydra_context, task_function=task_function)
 
     def sweep(self, arguments: list[str]) -> None:
+        self.worker = local_workers.LocalWorker.from_env(os.environ)
+        # A local worker hands its error line to the main process, which shows the first failure's line only
+        say = self.worker.report if self.worker else functools.partial(print, file=sys.stderr)
         try:
+            if self.worker is not None:
+                local_workers.stop_once_on_signals()
             self._sweep(check_settings(**self.raw), arguments)
         except (UserError, StopSweep) as e:
-            print(f"error: {mask_secrets(str(e))}", file=sys.stderr)
+            say(f"error: {mask_secrets(str(e))}")
             raise SystemExit(2) from None
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:  # read-only, gone
-            print(f"error: Optuna storage {mask_secrets(str(self.storage_url))!r} (hydra.sweeper.storage) failed: "
-                  f"{mask_secrets(one_line(e))}; finished trials are kept, run the same command again to resume",
-                  file=sys.stderr)
+            say(f"error: Optuna storage {mask_secrets(str(self.storage_url))!r} (hydra.sweeper.storage) failed: "
+                f"{mask_secrets(one_line(e))}; finished trials are kept, run the same command again to resume")
             raise SystemExit(2) from None
+        except local_workers.WorkerFailed as e:
+            print(e.line, file=sys.stderr)
+            raise SystemExit(e.code) from None
         except KeyboardInterrupt as e:
-            how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-            print(f"{how}: the running trial is marked FAIL in the study (its parameters run again on resume) and "
-                  "its MLflow run KILLED; run the same command again to resume", file=sys.stderr)
+            if self.worker is None:  # the main process says it once, for its workers too
+                how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+                print(f"{how}: the running trial is marked FAIL in the study (its parameters run again on resume) "
+                      "and its MLflow run KILLED; run the same command again to resume", file=sys.stderr)
             raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
 
     def _sweep(self, settings: Settings, arguments: list[str]) -> None:
-        distributions, fixed_args = self._search_space(arguments)
+        distributions, fixed_args = self._search_space(arguments, warn=self.worker is None)
+        if self.worker is not None:
+            self._work(settings, distributions, fixed_args)
+            return
         url = self.storage_url or f"sqlite:///{Path(self.config.hydra.sweep.dir).absolute() / 'optuna.db'}"
         name = self.study_name or (studies.study_name_for(self.space_name, distributions, fixed_args)
                                    if self.space_name else None)
         if name is not None:
             studies.check_study_name(name)
-        storage = studies.make_storage(url, settings.heartbeat_interval, settings.grace_period)
-        if self.mlflow.get("tracking_uri"):
-            experiment = self.mlflow.get("experiment")
-            if not isinstance(experiment, str) or not experiment.strip():  # before any run or trial is made
-                raise ConfigError(f"hydra.sweeper.mlflow.experiment={experiment!r} must be a non-empty name")
-            self.client = tracking.make_client(self.mlflow["tracking_uri"])  # checks a tracking server answers
-        sampler, grid_size = self._seeded_sampler(0, distributions)
-        study = studies.open_study(storage, name, settings.directions, sampler)
-        if self.seeded_for != len(study.get_trials(deepcopy=False)):
-            study.sampler, grid_size = self._seeded_sampler(len(study.get_trials(deepcopy=False)), distributions)
+        storage, study, grid_size = self._open(url, name, settings, distributions)
         if self.metric_names:
             study.set_metric_names(self.metric_names)
         n_trials = settings.n_trials if self.total_budget else studies.budget_used(study) + settings.n_trials
@@ -216,14 +228,103 @@ class OptunaPruningSweeper(Sweeper):
                      f"trials used; sampler {type(study.sampler).__name__}, pruner "
                      f"{json.loads(self.pruner_spec).get('_target_') or 'none'}, directions {settings.directions}")
             self._close_orphan_runs(study, parent_id)
+            n_workers = min(settings.n_jobs, max(1, n_trials - studies.budget_used(study)))
             try:
-                self._run_trials(study, storage, settings, distributions, fixed_args, parent_id, n_trials)
+                if self._local_workers_run(n_workers):
+                    self._run_local_workers(study, storage, n_workers, n_trials, parent_id)
+                else:
+                    self._run_trials(study, storage, settings, distributions, fixed_args, parent_id, n_trials)
             finally:
                 self._summarize(study, parent_id)
 
+    def _open(self, url: str, name: str | None, settings: Settings, distributions: dict
+              ) -> tuple[optuna.storages.RDBStorage, optuna.Study, int | None]:
+        """The storage (checked: it answers), the MLflow client (checked the same way), and the study with its
+        seeded sampler; the grid's size with a grid sampler."""
+        storage = studies.make_storage(url, settings.heartbeat_interval, settings.grace_period)
+        if self.mlflow.get("tracking_uri"):
+            experiment = self.mlflow.get("experiment")
+            if not isinstance(experiment, str) or not experiment.strip():  # before any run or trial is made
+                raise ConfigError(f"hydra.sweeper.mlflow.experiment={experiment!r} must be a non-empty name")
+            self.client = tracking.make_client(self.mlflow["tracking_uri"])  # checks a tracking server answers
+        sampler, grid_size = self._seeded_sampler(0, distributions)
+        study = studies.open_study(storage, name, settings.directions, sampler)
+        if self.seeded_for != len(study.get_trials(deepcopy=False)):
+            study.sampler, grid_size = self._seeded_sampler(len(study.get_trials(deepcopy=False)), distributions)
+        return storage, study, grid_size
+
+    # -- local workers -----------------------------------------------------------------------------------------
+
+    def _local_workers_run(self, n_workers: int) -> bool:
+        """Whether this sweep's trials run in local worker processes: asked for, more than one trial to run at once,
+        and Hydra's basic launcher (which runs a job in the process that launches it; joblib and SLURM bring
+        their own processes, and get batches)."""
+        if not self.local_workers or n_workers < 2:
+            return False
+        launcher = type(self.launcher).__name__
+        if launcher != "BasicLauncher" or not local_workers.SUPPORTED:
+            where = launcher if local_workers.SUPPORTED else f"{launcher} on {os.name}"
+            log.info(f"hydra.sweeper.local_workers: {where} runs batches of n_jobs trials instead (local workers "
+                     "need Hydra's basic launcher on a POSIX system)")
+            return False
+        return True
+
+    def _run_local_workers(self, study, storage, n_workers: int, n_trials: int, parent_id: str | None) -> None:
+        """n_workers copies of this command run the trials; this process only waits for them (an app's torch is
+        initialised here already, and thread counts are fixed when a process starts). It stops them all when one
+        fails, forwards Ctrl-C and SIGTERM, and fails (and re-queues once) the trial of one that is killed, at
+        once, for the others to re-run."""
+        sweep_dir = Path(self.config.hydra.sweep.dir).absolute()
+        command = local_workers.worker_command(sys.orig_argv, sys.executable, sweep_dir)
+        threads = local_workers.thread_env(os.environ, n_workers, os.cpu_count()).get(
+            "OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "default"))
+
+        def on_death(proc: subprocess.Popen) -> None:
+            how = local_workers.signal_name(proc.returncode)
+            failed = self._fail_trials_of(study, storage, f"{socket.gethostname()}:{proc.pid}",
+                                          f"its local worker process {proc.pid} was killed ({how})", parent_id)
+            log.warning(f"local worker {proc.pid} was killed ({how}); "
+                        + (f"its trial {', '.join(map(str, failed))} is FAIL and queued again for the other workers"
+                           if failed else "it held no trial"))
+
+        with local_workers.Workers.start(n_workers, command, self.config.hydra.runtime.cwd, os.environ,
+                                         study.study_name, n_trials, os.cpu_count(), on_death) as workers:
+            log.info(f"{n_workers} local worker processes (pids {', '.join(map(str, workers.pids))}), "
+                     f"{threads} OpenMP thread(s) each; each takes the next trial as soon as its own ends")
+            failed = workers.wait()
+            lines = workers.failure_lines()
+        if failed is not None:
+            raise local_workers.WorkerFailed(failed.returncode, lines[0] if lines else (
+                f"local worker {failed.pid} ended with {local_workers.signal_name(failed.returncode)}; the other "
+                "workers were stopped (their trials are FAIL and run again on resume)"))
+        used = studies.budget_used(study)
+        if used < n_trials or studies.running_count(study):
+            raise local_workers.WorkerFailed(1, f"error: every local worker was killed before the study's budget was "
+                                                f"spent ({used}/{n_trials} trials); run the same command again to "
+                                                "resume")
+
+    def _work(self, settings: Settings, distributions: dict, fixed_args: list[str]) -> None:
+        """A local worker: the main process has made the study, its MLflow parent run and the jobs' environment
+        (the storage URL); this claims and runs one trial at a time until the budget is spent and no trial runs,
+        and leaves the summary and the best config to the main process."""
+        storage, study, _ = self._open(os.environ[studies.STORAGE_ENV], self.worker.study, settings, distributions)
+        parent_id = study.user_attrs.get(studies.PARENT_RUN_ATTR) if self.client is not None else None
+        self._run_trials(study, storage, replace(settings, n_jobs=1), distributions, fixed_args, parent_id,
+                         self.worker.n_trials)
+
+    def _fail_trials_of(self, study, storage, worker: str, reason: str, parent_id: str | None) -> list[int]:
+        """FAIL the trials a dead worker left RUNNING, and queue their parameters again once: its process is known
+        to be gone, so they need not wait out the grace period. Under the claim lock, with the claims."""
+        with studies.claim_lock(storage, study.study_name):
+            numbers = studies.fail_running_trials_of(study, storage, worker, reason)
+            for number in numbers:
+                retry_once(study, number)
+        self._close_orphan_runs(study, parent_id)
+        return numbers
+
     # -- the search space ------------------------------------------------------------------------------------------
 
-    def _search_space(self, arguments: list[str]) -> tuple[dict, list[str]]:
+    def _search_space(self, arguments: list[str], warn: bool = True) -> tuple[dict, list[str]]:
         """The distributions to sample and the fixed overrides of every trial.
 
         A key the user sets on the command line wins over the search space: `model=small` leaves out the
@@ -242,7 +343,7 @@ class OptunaPruningSweeper(Sweeper):
             return any(key == u or key.startswith(f"{u}.") for u in user_keys)
 
         dropped = sorted(k for k in list(space) + list(space_fixed) if fixed_by_user(k) and k not in given)
-        if dropped:
+        if dropped and warn:
             log.warning(f"search space: left out {', '.join(dropped)}: fixed on the command line")
         distributions = {k: v for k, v in space.items() if k not in dropped} | given
         fixed = {k: v for k, v in space_fixed.items() if k not in dropped and k not in given} | given_fixed
@@ -252,11 +353,12 @@ class OptunaPruningSweeper(Sweeper):
 
     def _seeded_sampler(self, existing: int, distributions: dict) -> tuple[optuna.samplers.BaseSampler, int | None]:
         """The sampler, its seed offset by the trials already in the study so a resumed study draws new points;
-        GridSampler gets its grid from the space (and the grid's size caps the budget)."""
+        GridSampler gets its grid from the space (and the grid's size caps the budget) and keeps its seed."""
         self.seeded_for = existing
         cfg = OmegaConf.to_container(self.sampler_cfg, resolve=True)
-        if cfg.get("seed") is not None:
-            cfg["seed"] = studies.reseeded(cfg["seed"], existing)
+        seed = cfg.get("seed")
+        if seed is not None:
+            cfg["seed"] = studies.reseeded(seed, existing)
         try:
             sampler = instantiate(cfg, _execution_whitelist_=SAMPLER_TARGETS)
         except Exception as e:
@@ -264,7 +366,10 @@ class OptunaPruningSweeper(Sweeper):
                               f"{one_line(e)}") from None
         if isinstance(sampler, functools.partial) and sampler.func is optuna.samplers.GridSampler:
             grid = {k: grid_choices(k, d) for k, d in distributions.items()}
-            return sampler(grid), math.prod(len(v) for v in grid.values())
+            # The seed shuffles the grid, and the study knows a point by its place in that order: every worker
+            # and every resume must keep the user's seed, or they run some points twice and others never
+            grid_sampler = sampler.func(grid, **(sampler.keywords | {"seed": seed}))
+            return grid_sampler, math.prod(len(v) for v in grid.values())
         return sampler, None
 
     def _reseed_if_others_claimed(self, study: optuna.Study, distributions: dict) -> None:
@@ -303,18 +408,23 @@ class OptunaPruningSweeper(Sweeper):
                                          lambda s: self._reseed_if_others_claimed(s, distributions), prepare)
             if not batch:
                 if not (running := studies.running_count(study)):
-                    return
+                    if studies.budget_used(study) >= n_trials:
+                        return
+                    continue  # a dead worker's trial, re-queued since this claim counted the budget: claim it
                 if running != waiting_for:
                     log.info(f"budget spent; waiting for {running} running trial(s) of other workers to end")
                 waiting_for = running
-                time.sleep(max(1, settings.heartbeat_interval or 1))
+                # a local worker's sibling ends within seconds, and it ends the sweep's wall time
+                time.sleep(1 if self.worker else max(1, settings.heartbeat_interval or 1))
                 continue
             for trial in batch:
                 log.info(f"trial {trial.number} started: {trial_params_text(trial.params)}")
             try:
                 ids = [studies.trial_id(storage, study.study_name, t.number) for t in batch]
                 with studies.heartbeat(storage, ids):
-                    returns = self.launcher.launch([jobs.pop(t.number) for t in batch], initial_job_idx=self.job_idx)
+                    # a worker's job folder is named by its trial (unique among the workers)
+                    returns = self.launcher.launch([jobs.pop(t.number) for t in batch],
+                                                   initial_job_idx=batch[0].number if self.worker else self.job_idx)
             except KeyboardInterrupt as e:
                 reason = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
                 for trial in batch:
@@ -559,10 +669,11 @@ def retry_once(study: optuna.Study, number: int) -> None:
 
 
 def share_cores(launcher: str, n_jobs: int) -> None:
-    """Parallel job processes share the cores: each gets cores // n_jobs OpenMP threads (torch, numpy), inherited
-    from this process's environment, unless the user set OMP_NUM_THREADS."""
-    if launcher == "JoblibLauncher" and n_jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n_jobs))
+    """Parallel joblib job processes share the cores: each gets cores // n_jobs OpenMP threads (torch, numpy),
+    inherited from this process's environment, unless the user set OMP_NUM_THREADS (local workers get theirs in
+    their own environment)."""
+    if launcher == "JoblibLauncher":
+        os.environ.update(local_workers.thread_env(os.environ, n_jobs, os.cpu_count()))
 
 
 def recipe(overrides: list[str], groups: set[str], exclude: tuple[str, ...] = ()) -> tuple[dict[str, str],

@@ -54,10 +54,11 @@ def mnist_root(tmp_path: Path) -> Path:
     return make_synthetic_mnist(tmp_path / "data")
 
 
-# Overrides that make a CLI run take seconds on tiny data: small net, small validation split, and no model
-# registration at the end of a sweep (torch.export takes seconds; tests/test_report.py covers it).
+# Overrides that make a CLI run take seconds on tiny data: small net, small validation split, no model
+# registration at the end of a sweep (torch.export takes seconds; tests/test_report.py covers it), and a sweep's
+# trials one at a time in its own process (local worker processes are tested in tests/test_workers.py).
 FAST = ["model=small", "data.val_size=200", "data.batch_size=32", "data.download=false", "trainer.epochs=2",
-        "trainer.device=cpu", "trainer.threads=1", "mlflow.registered_model=null"]
+        "trainer.device=cpu", "trainer.threads=1", "mlflow.registered_model=null", "hydra.sweeper.n_jobs=1"]
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 300, module: str = "mnist_sweep",

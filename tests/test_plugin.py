@@ -133,14 +133,17 @@ def test_parallel_jobs_and_the_failure_rate(tmp_path):
     assert [t.params["x"] for t in failed] == [2] and "asked to fail" in failed[0].user_attrs["fail_reason"]
 
 
-@pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local"])
+@pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local", "local_workers"])
 def test_a_foreign_app_prunes_from_inside_its_jobs_with_every_launcher(tmp_path, launcher):
-    """Median pruning: after the first trial, one worse at step 1 than the median so far is stopped there."""
+    """Median pruning: after the first trial, one worse at step 1 than the median so far is stopped there.
+    local_workers: the basic launcher in 2 worker processes, each the app's own command line again."""
+    local = launcher == "local_workers"
     app = make_app(tmp_path, params={"x": "choice(1, 4, 0, 5, 2, -3)", "y": "choice(0)"}, n_trials=6,
-                   n_jobs=1 if launcher == "basic" else 2)
-    result = sweep(app, f"hydra/launcher={launcher}", "hydra/sweeper/sampler=grid", "hydra/sweeper/pruner=median",
-                   "hydra.sweeper.pruner.n_startup_trials=1", timeout=600)
+                   n_jobs=1 if launcher == "basic" else 2, local_workers=local)
+    result = sweep(app, f"hydra/launcher={'basic' if local else launcher}", "hydra/sweeper/sampler=grid",
+                   "hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_startup_trials=1", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert ("2 local worker processes" in result.stdout + result.stderr) == local
     done = trials(app)
     pruned = [t for t in done if t.state == TrialState.PRUNED]
     assert pruned and len(done) == 6, [(t.params, t.state) for t in done]

@@ -149,6 +149,8 @@ def test_joblib_launcher_runs_trials_in_parallel_processes_and_prunes(tmp_path, 
                                 "hydra.sweeper.sampler.seed=0", "hydra.sweeper.pruner.n_startup_trials=1",
                                 "hydra/launcher=joblib", "hydra.sweeper.n_jobs=2"), cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # the app's local_workers: true leaves joblib its batches: it brings its own processes
+    assert "runs batches of n_jobs trials" in result.stdout + result.stderr
     study, _, parents, children = study_and_runs(tmp_path)
     assert len(study.trials) == 6 and len(children) == 6 and len(parents) == 1
     assert any(t.state == TrialState.PRUNED for t in study.trials)
@@ -276,7 +278,8 @@ def test_a_storage_group_on_the_command_line_ends_in_a_best_config(tmp_path, mni
 
 
 def test_a_plain_hydra_grid_runs_with_the_basic_sweeper(tmp_path, mnist_root):
-    result = run_cli(["--multirun", *cli_args(tmp_path, mnist_root, "trainer.epochs=1"), "hydra/sweeper=basic",
+    args = [a for a in cli_args(tmp_path, mnist_root, "trainer.epochs=1") if not a.startswith("hydra.sweeper.")]
+    result = run_cli(["--multirun", *args, "hydra/sweeper=basic",
                       "hparams_search=none", "trainer.seed=1,2"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     _, runs = mlflow_runs(tmp_path)

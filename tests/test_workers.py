@@ -1,12 +1,14 @@
 """Many workers on one study: the same `--multirun` command in several processes, sharing the study's budget, its
 pruner and its MLflow parent run; a killed worker's trial is picked up; an unreachable database or tracking
-server stops a worker before it trains.
+server stops a worker before it trains. Local workers (`hydra.sweeper.local_workers`): the sweep starts n_jobs
+such processes itself and waits for them.
 
 The PostgreSQL tests need a server: `.ci/run` starts a throwaway one and sets MNIST_SWEEP_TEST_PG to its DSN
 (postgresql://user@host:port, no database); each test creates its own database. Without it they skip.
 """
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,9 +21,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import cli_args, free_port, mlflow_runs, run_cli
+from conftest import REPO, cli_args, free_port, mlflow_runs, run_cli
 from conftest import mlflow_server as start_mlflow_server
 from mnist_sweep import study as sweep
+from mnist_sweep.errors import Terminated
+from mnist_sweep.local_workers import LocalWorker, Workers, worker_command, worker_env
 
 PG = os.environ.get("MNIST_SWEEP_TEST_PG")
 needs_pg = pytest.mark.skipif(not PG, reason="no PostgreSQL: set MNIST_SWEEP_TEST_PG=postgresql://user@host:port "
@@ -283,3 +287,163 @@ def test_the_budget_lock_serializes_claims_between_processes(tmp_path):
     finally:
         timer.cancel()
         proc.kill()
+
+
+# -- local workers: n_jobs processes started by the sweep itself ----------------------------------------------------
+
+LOCAL = ["hydra.sweeper.n_jobs=2", "hydra.sweeper.local_workers=true"]
+
+
+def test_a_local_worker_reruns_the_same_command_into_the_same_sweep_folder():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    argv = ["python3", "-X", "utf8", "app.py", "--multirun", "x=interval(0,1)", "hydra.sweep.dir=runs/${now:%H}"]
+    command = worker_command(argv, "/venv/bin/python", REPO / "it's, here")
+    assert command[:-1] == ["/venv/bin/python", *argv[1:]]  # this interpreter, its options, the app, the overrides
+    last = OverridesParser.create().parse_override(command[-1])  # the last hydra.sweep.dir wins in Hydra
+    assert last.key_or_group == "hydra.sweep.dir" and last.value() == str(REPO / "it's, here")
+
+
+def test_a_local_workers_environment_holds_its_study_and_its_share_of_the_cores():
+    env = {sweep.STORAGE_ENV: "postgresql://u:secret@h/db", "PATH": "/bin"}
+    me = LocalWorker("s", 8, 5)
+    got = worker_env(env, me, n_jobs=2, cores=8)
+    assert got[sweep.STORAGE_ENV] == env[sweep.STORAGE_ENV] and got["PATH"] == "/bin"  # inherited, not on argv
+    assert got["OMP_NUM_THREADS"] == "4" and LocalWorker.from_env(got) == me
+    assert worker_env(env | {"OMP_NUM_THREADS": "3"}, me, 2, 8)["OMP_NUM_THREADS"] == "3"  # the user's wins
+    assert worker_env(env, me, 4, 2)["OMP_NUM_THREADS"] == "1"
+    assert LocalWorker.from_env(env) is None  # the sweep's main process, and any process outside a sweep
+
+
+# A stand-in for a worker: ROLE_DIR hands out roles in start order (the first to ask gets "first"); START_S is its
+# start-up (imports, config), during which signals are held; then it fails, sleeps or exits as its role says.
+CHILD = """
+import os, sys, time
+from mnist_sweep.local_workers import LocalWorker, stop_once_on_signals
+me = LocalWorker.from_env(os.environ)
+try:
+    os.close(os.open(os.path.join(os.environ["ROLE_DIR"], "first"), os.O_CREAT | os.O_EXCL))
+    role = os.environ["FIRST"]
+except FileExistsError:
+    role = os.environ["OTHERS"]
+time.sleep(float(os.environ["START_S"]))
+try:
+    stop_once_on_signals()
+    if role == "fail":
+        me.report("error: the first worker says why")
+        sys.exit(2)
+    time.sleep(float(role))
+except KeyboardInterrupt as e:
+    time.sleep(0.5)  # cleaning up: a second signal now must not cut it short
+    open(os.path.join(os.environ["ROLE_DIR"], str(os.getpid())), "w").write(type(e).__name__)
+    sys.exit(143 if type(e).__name__ == "Terminated" else 130)
+"""
+
+
+def start_children(tmp_path, first: str, others: str, start_s: float = 0.0, on_death=lambda proc: None) -> Workers:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ROLE_DIR": str(tmp_path), "FIRST": first, "OTHERS": others,
+           "START_S": str(start_s)}
+    return Workers.start(2, [sys.executable, "-c", CHILD], str(tmp_path), env, "s", 4, os.cpu_count(), on_death)
+
+
+def cleanup_of(tmp_path, proc) -> str | None:
+    path = tmp_path / str(proc.pid)
+    return path.read_text() if path.exists() else None
+
+
+def test_a_failing_local_worker_stops_the_others_and_its_line_is_passed_on(tmp_path):
+    deaths = []
+    with start_children(tmp_path, first="fail", others="60", on_death=deaths.append) as workers:
+        failed = workers.wait()
+        lines = workers.failure_lines()
+    (other,) = [p for p in workers.procs if p is not failed]
+    assert failed.returncode == 2 and lines == ["error: the first worker says why"]
+    assert other.returncode == 143 and cleanup_of(tmp_path, other) == "Terminated"  # stopped cleanly, at once
+    assert deaths == []
+
+
+def raise_terminated(signum, frame):  # SIGTERM as the CLI takes it
+    raise Terminated()
+
+
+def test_sigterm_to_the_sweep_reaches_its_local_workers_even_while_they_start(tmp_path):
+    """SIGTERM comes while the workers still start (2 s): they hold it, then end the clean way; the sweep waits
+    for them and ends with the same exception, so its parent run ends KILLED."""
+    previous = signal.signal(signal.SIGTERM, raise_terminated)  # a late signal must not end pytest
+    try:
+        with pytest.raises(Terminated):
+            with start_children(tmp_path, first="60", others="60", start_s=2.0) as workers:
+                threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+                workers.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert [p.returncode for p in workers.procs] == [143, 143]
+    assert [cleanup_of(tmp_path, p) for p in workers.procs] == ["Terminated", "Terminated"]
+
+
+def test_a_killed_local_worker_is_reported_and_the_others_go_on(tmp_path):
+    deaths = []
+    with start_children(tmp_path, first="3", others="3", on_death=deaths.append) as workers:
+        threading.Timer(1.0, workers.procs[0].kill).start()
+        assert workers.wait() is None  # no failure: the other worker ends its work
+    assert deaths == [workers.procs[0]] and workers.procs[0].returncode == -signal.SIGKILL
+    assert workers.procs[1].returncode == 0
+
+
+def test_a_killed_local_workers_trial_is_failed_at_once_and_queued_again(tmp_path):
+    """The main process knows its worker is dead: no grace period to wait out, no heartbeat needed."""
+    from omegaconf import OmegaConf
+
+    from mnist_sweep.sweeper import OptunaPruningSweeper
+
+    storage = sweep.make_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(study_name="s", storage=storage)
+    for worker in ("host:1", "host:2"):
+        trial = study.ask()
+        trial.suggest_float("x", 0.0, 1.0)
+        trial.set_user_attr(sweep.WORKER_ATTR, worker)
+    sweeper = OptunaPruningSweeper(sampler=OmegaConf.create({"_target_": "optuna.samplers.RandomSampler"}))
+    assert sweeper._fail_trials_of(study, storage, "host:1", "its local worker process 1 was killed", None) == [0]
+    dead, alive, retry = study.trials
+    assert dead.state == TrialState.FAIL and dead.user_attrs["fail_reason"] == "its local worker process 1 was killed"
+    assert alive.state == TrialState.RUNNING  # another worker's trial is left alone
+    assert retry.state == TrialState.WAITING and retry.params == dead.params and retry.system_attrs["failed_trial"] == 0
+
+
+@pytest.mark.slow
+def test_local_workers_run_a_sweep_and_the_sweep_summarizes_it_once(tmp_path, mnist_root):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    result = run_cli(worker_args(tmp_path, mnist_root, storage, "sweep", "hydra.sweeper.n_trials=4", *LOCAL),
+                     cwd=tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert_exact_budget(study, 4)
+    assert len(study.trials) == 4
+    pids = re.search(r"2 local worker processes \(pids (\d+), (\d+)\)", out).groups()
+    assert {t.user_attrs[sweep.WORKER_ATTR] for t in study.trials} == {f"{socket.gethostname()}:{p}" for p in pids}
+    client, runs = mlflow_runs(tmp_path)
+    parent, children = study_runs(client, runs, study)
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials/complete"] == 4
+    # the main process summarizes, once; each job's folder is named by its trial
+    assert out.count("best config written to") == 1 and (tmp_path / "configs" / "experiment" / "s_best.yaml").exists()
+    folder = tmp_path / "outputs" / "sweep"
+    assert (folder / "optimization_results.yaml").exists()
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["0", "1", "2", "3"]
+
+
+@pytest.mark.slow
+def test_a_config_error_in_local_workers_is_one_line_and_leaves_nothing_running(tmp_path, mnist_root):
+    """Both workers' first trials hit the same config error at once: one `error:` line, exit 2."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    result = run_cli(worker_args(tmp_path, mnist_root, storage, "sweep", "hydra.sweeper.n_trials=4",
+                                 "model.conv1_channels=0", *LOCAL), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert "model.conv1_channels=0 must be >= 1" in line
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    assert trials and TrialState.RUNNING not in [t.state for t in trials]
+    client, runs = mlflow_runs(tmp_path)
+    parents = [r for r in runs if r.data.tags.get("kind") == "study"]
+    assert [p.info.status for p in parents] == ["FAILED"] and all(r.info.status != "RUNNING" for r in runs)
