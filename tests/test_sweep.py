@@ -115,7 +115,7 @@ def test_hopeless_trials_are_pruned_and_their_runs_say_so(tmp_path, mnist_root):
     # Random sampler, seed 0, draws lr = 1, 1e-6, 1, 1, 1e-6, 1e-6: the first hopeless trial meets a finished one
     result = run_cli(sweep_args(tmp_path, mnist_root, "~hparams_search", "optimizer.lr=choice(1e-6,1.0)",
                                 "trainer.epochs=3", "hydra.sweeper.n_trials=5", "hydra/sweeper/sampler=random",
-                                "hydra.sweeper.sampler.seed=0", "hydra.sweeper.pruner.n_startup_trials=1"), cwd=tmp_path)
+                                "hydra.sweeper.sampler.seed=0", "hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_startup_trials=1"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     study, client, _, children = study_and_runs(tmp_path)
     pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
@@ -146,7 +146,7 @@ def test_other_pruners_run_a_study(tmp_path, mnist_root, pruner):
 def test_joblib_launcher_runs_trials_in_parallel_processes_and_prunes(tmp_path, mnist_root):
     result = run_cli(sweep_args(tmp_path, mnist_root, "~hparams_search", "optimizer.lr=choice(1e-6,1.0)",
                                 "trainer.epochs=3", "hydra.sweeper.n_trials=6", "hydra/sweeper/sampler=random",
-                                "hydra.sweeper.sampler.seed=0", "hydra.sweeper.pruner.n_startup_trials=1",
+                                "hydra.sweeper.sampler.seed=0", "hydra/sweeper/pruner=median", "hydra.sweeper.pruner.n_startup_trials=1",
                                 "hydra/launcher=joblib", "hydra.sweeper.n_jobs=2"), cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     # the app's local_workers: true leaves joblib its batches: it brings its own processes
