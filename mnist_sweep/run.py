@@ -87,7 +87,7 @@ def train_and_record(spec: RunSpec, recording: Recording, params: Mapping[str, A
         def epoch_end(epoch: int, metrics: dict[str, float]) -> None:
             rec.log_metrics(metrics, step=epoch)
             log.info(format_epoch(epoch, spec.trainer.epochs, metrics))
-            trial.report(metrics[spec.optimized_metric[0]], step=epoch)
+            trial.report(metrics[spec.optimized_metric[0]], step=epoch, last=epoch == spec.trainer.epochs)
 
         bar = progress_bar(sys.stdout.isatty(), spec.trainer.epochs, spec.data.batch_size)
         start = time.perf_counter()

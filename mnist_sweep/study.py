@@ -335,12 +335,15 @@ class TrialReport:
         self.study = ref.study
         self.multi_objective = len(study.directions) > 1
 
-    def report(self, value: float, step: int) -> None:
+    def report(self, value: float, step: int, last: bool = False) -> None:
+        """`last`: the job's final step is recorded but never pruned: the work is done, and a pruner that judges
+        every step (successive halving has a rung at 9 epochs of a 9-epoch trial) would throw a finished result
+        away as PRUNED."""
         if self.multi_objective:
             self.trial.set_user_attr(f"step_{step}", value)
             return
         self.trial.report(value, step=step)
-        if self.trial.should_prune():
+        if not last and self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step}: value {value:.4g}")
 
     def set_user_attr(self, key: str, value: Any) -> None:
@@ -353,7 +356,7 @@ class NoTrial:
     number = None
     study = None
 
-    def report(self, value: float, step: int) -> None:
+    def report(self, value: float, step: int, last: bool = False) -> None:
         pass
 
     def set_user_attr(self, key: str, value: Any) -> None:

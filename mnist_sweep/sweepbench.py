@@ -520,6 +520,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help=f"{QUICK_BUDGET_S:.0f} s per study and the first seed only "
                     "(instead of --budget and --sweep-seeds): a smoke test on tiny data")
     ap.add_argument("--out", default="outputs/sweepbench", help="folder for the studies and the results")
+    ap.add_argument("--keep", action="store_true", help="re-read the (study, seed) runs that --out already holds "
+                    "from an earlier bench with the same budget instead of running them again: seeds can be added "
+                    "one session at a time")
     return ap.parse_args(argv)
 
 
@@ -588,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     template = empty_mlflow_store(out / ".empty-mlflow.db")
     runs: list[StudyRun] = []
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` of the bench stops the running study too
     try:
         for seed in args.sweep_seeds:
             for study in args.studies:
@@ -595,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: the running study was stopped; no results written", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     rows = summarize(runs, args.targets)
     table = markdown_table(rows, args.targets)
     results = {"machine": header.splitlines()[0], "budget_s": args.budget, "seeds": args.sweep_seeds,
@@ -609,6 +615,10 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(r.failed for r in runs) else 0
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt()
+
+
 NOTES = """
 val/acc of COMPLETE trials completed within the budget; times in seconds since the study's process started
 (mean ± std over seeds; "(k/n)": only k of n seeds got there, the mean is theirs). "upstream's best": that seed's
@@ -617,15 +627,36 @@ training: 1 - (training + validation seconds of every epoch) / (wall seconds x p
 unpruned: ours' finished trials' epochs over their trainer.epochs."""
 
 
+RAN = "ran.json"  # in each study folder, once its process ended: how it ran (for --keep)
+
+
+def kept_run(folder: Path, budget: float, cmd: list[str]) -> Ran | None:
+    """How an earlier bench ran this (study, seed), when it ran the same command under the same budget; else None
+    (it runs again)."""
+    try:
+        saved = json.loads((folder / RAN).read_text())
+    except (OSError, ValueError):
+        return None
+    if saved.get("budget") != budget or saved.get("command") != cmd[1:]:
+        return None
+    return Ran(**saved["ran"])
+
+
 def run_one(study: str, seed: int, folder: Path, space, cores: int, args: argparse.Namespace,
             env: dict[str, str], mlflow_template: Path) -> StudyRun:
-    prepare_folder(folder, mlflow_template)
     name = f"{study}-s{seed}"
     overrides = [*study_overrides(study, space.params, space.n_jobs, space.max_failure_rate, seed, cores,
                                   args.overrides), *args.overrides, *place_overrides(study, folder, name)]
     cmd = [sys.executable, "-m", "mnist_sweep", "--multirun", *overrides]
-    print(f"{name}: {shlex.join(['python', *cmd[1:]])}", file=sys.stderr, flush=True)
-    ran = run_until(cmd, folder, args.budget, args.grace, env)
+    ran = kept_run(folder, args.budget, cmd) if args.keep else None
+    if ran is not None:
+        print(f"{name}: kept from {datetime.datetime.fromtimestamp(ran.started).isoformat(timespec='seconds')}",
+              file=sys.stderr, flush=True)
+    else:
+        prepare_folder(folder, mlflow_template)
+        print(f"{name}: {shlex.join(['python', *cmd[1:]])}", file=sys.stderr, flush=True)
+        ran = run_until(cmd, folder, args.budget, args.grace, env)
+        (folder / RAN).write_text(json.dumps({"budget": args.budget, "command": cmd[1:], "ran": asdict(ran)}))
     try:
         trials = read_trials(f"sqlite:///{folder / 'optuna.db'}", name, ran.started)
         runs = read_runs(folder / "mlflow.db", space.experiment, ran.started)

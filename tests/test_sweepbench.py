@@ -170,6 +170,48 @@ def test_the_bench_goes_on_after_a_study_that_fails_at_once(tmp_path, capsys, mo
     assert "| upstream | 0 (1 failed) |" in (out / "sweepbench.md").read_text()
 
 
+def test_keep_rereads_earlier_studies_of_the_same_budget_and_runs_the_rest(tmp_path, capsys, monkeypatch):
+    started = []
+
+    def fake_run(cmd, folder, budget, grace, env):
+        started.append(folder.name)
+        return Ran(100.0 + len(started), 130.0, 143, True)
+
+    monkeypatch.setattr(sweepbench, "run_until", fake_run)
+    monkeypatch.setattr(sweepbench, "empty_mlflow_store", lambda path: path.touch() or path)
+    monkeypatch.setattr(sweepbench, "read_runs", lambda database, experiment, started: [])
+    out = tmp_path / "out"
+    args = ["--studies", "ours", "--budget", "30", "--out", str(out)]
+    assert main([*args, "--sweep-seeds", "0"]) == 0
+    assert main([*args, "--sweep-seeds", "0", "1", "--keep"]) == 0  # seed 0 kept, seed 1 run
+    assert main(["--studies", "ours", "--budget", "40", "--out", str(out), "--sweep-seeds", "0", "--keep"]) == 0
+    assert started == ["ours-s0", "ours-s1", "ours-s0"]  # another budget is another measurement: run again
+    assert "ours-s0: kept from" in capsys.readouterr().err
+    runs = json.loads((out / "sweepbench.json").read_text())["runs"]
+    assert [r["wall_seconds"] for r in runs] == [27.0]  # the rerun's own clock: started at 103, ended at 130
+
+
+def test_sigterm_to_the_bench_stops_the_running_study(tmp_path, capsys, monkeypatch):
+    import signal
+
+    stopped = []
+
+    def study_until_sigterm(cmd, folder, budget, grace, env):  # run_until's finally stops the study's group
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        finally:
+            stopped.append(folder.name)
+        return Ran(0.0, 5.0, 0, False)
+
+    monkeypatch.setattr(sweepbench, "run_until", study_until_sigterm)
+    monkeypatch.setattr(sweepbench, "empty_mlflow_store", lambda path: path.touch() or path)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["--studies", "ours", "upstream", "--sweep-seeds", "0", "--out", str(tmp_path / "out")]) == 130
+    assert stopped == ["ours-s0"] and signal.getsignal(signal.SIGTERM) is before  # no next study, handler back
+    assert "interrupted: the running study was stopped" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--studies", "ours", "turbo"], "error: --studies ours turbo: unknown turbo; allowed: ours, upstream, random, "
                                      "ours_nopruning"),

@@ -214,6 +214,30 @@ def test_pruning_judges_a_trial_against_other_workers_trials(tmp_path, backend):
     TrialReport(TrialRef(url, "p", better.number, pruner)).report(0.95, step=1)  # better than the median: goes on
 
 
+def test_a_trials_last_step_is_recorded_but_never_pruned(tmp_path):
+    """Successive halving judges every rung, the last epoch too (a rung at 9 of a 9-epoch trial): a trial that
+    finished its epochs must end COMPLETE with its value, not be thrown away as PRUNED at its final step."""
+    import json
+
+    from mnist_sweep.study import TrialRef, TrialReport
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="sh", storage=url, direction="maximize")
+    pruner = json.dumps({"_target_": "optuna.pruners.SuccessiveHalvingPruner", "min_resource": 1,
+                         "reduction_factor": 3})
+
+    def run(values: dict[int, float], last: bool) -> None:
+        report = TrialReport(TrialRef(url, "sh", study.ask().number, pruner))
+        for step, value in values.items():
+            report.report(value, step=step, last=last and step == 9)
+
+    for _ in range(2):  # two trials at 0.99 through every rung (1, 3, 9 epochs), judged at each
+        run({1: 0.99, 3: 0.99, 9: 0.99}, last=False)
+    run({1: 0.995, 3: 0.995, 9: 0.5}, last=True)  # past rungs 1 and 3, worst at 9, but its last step: no pruning
+    with pytest.raises(optuna.TrialPruned, match="pruned at step 9"):
+        run({1: 0.995, 3: 0.995, 9: 0.5}, last=False)  # the same values with more steps to come: pruned at 9
+
+
 class SilentServer:
     """A TCP port that accepts connections and never answers: a database or server that hangs."""
 
