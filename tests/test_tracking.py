@@ -18,9 +18,12 @@ from mnist_sweep.tracking import RunRecorder, retry_locked
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """(client, database file) of one SQLite MLflow store for the module: opening a new one takes seconds."""
+    """(client, database file) of one SQLite MLflow store for the module: opening a new one takes seconds. Its
+    artifacts go to ./mlruns, MLflow's default, so the module runs in the store's folder, not the checkout."""
     db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
-    return tracking.make_client(f"sqlite:///{db}"), db
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(db.parent)
+        yield tracking.make_client(f"sqlite:///{db}"), db
 
 
 def locked_error():
