@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,6 +37,7 @@ from typing import Callable
 
 import torch
 
+from . import machine
 from .data import clear_cache
 from .errors import UserError
 from .model import training_flops_per_image
@@ -261,35 +260,6 @@ def markdown_table(rows: list[dict], target: float) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict[str, str | int]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cpu_flags": " ".join(cpu_flags()), "logical_cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8",
-               "asimd", "sve")  # the /proc/cpuinfo flags that decide which kernels torch runs on a CPU
-
-
-def cpu_flags() -> list[str]:
-    """Of SPEED_FLAGS, those this CPU has (Linux; elsewhere none is listed)."""
-    try:
-        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith(("flags", "Features")))
-    except (OSError, StopIteration):
-        return []
-    have = set(line.split(":", 1)[1].split())
-    return [f for f in SPEED_FLAGS if f in have]
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m mnist_sweep.bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -357,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     precision = {n: s.trainer.precision for n, s in specs.items()}
     rows = summarize(runs, ceiling, precision)
     table = markdown_table(rows, args.target)
-    results = {"machine": machine() | {"device": str(device)}, "ceiling_gflops": ceiling, "target": args.target,
+    results = {"machine": machine.summary() | {"device": str(device)}, "ceiling_gflops": ceiling, "target": args.target,
                "quick": args.quick, "overrides": args.overrides, "skipped": skipped,
                "recipes": {n: asdict(RECIPES[n]) for n in names},
                "summary": rows, "runs": [asdict(r) for r in runs],

@@ -118,6 +118,24 @@ def build_recording(cfg: DictConfig) -> Recording:
     return Recording(mlflow.tracking_uri, mlflow.experiment, mlflow.get("run_name"), mlflow.get("registered_model"))
 
 
+def logged_spec(config_yaml: str, data_root: str | None = None) -> tuple[RunSpec, dict[str, Any]]:
+    """A run's logged config.yaml (the resolved config it trained) -> (RunSpec, the config as plain values), as
+    build_spec builds them from a composed config; `data_root` replaces data.root (where MNIST is on this machine).
+    ConfigError when the text is not such a config."""
+    import yaml
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = OmegaConf.create(config_yaml)
+        if not isinstance(cfg, DictConfig):
+            raise ConfigError(f"it holds a {type(cfg).__name__}, not the mapping of a run's config")
+        if data_root is not None:
+            cfg.data.root = data_root
+        return build_spec(cfg), OmegaConf.to_container(cfg, resolve=True)
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        raise ConfigError(one_line(e)) from None
+
+
 def compose_spec(overrides: list[str]) -> RunSpec:
     """The RunSpec that `python -m mnist_sweep OVERRIDES` would train, for entry points that are not Hydra apps."""
     from hydra import compose, initialize

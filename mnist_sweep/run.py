@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import optuna
 
-from . import tracking
+from . import machine, tracking
 from .config import SOURCE, Recording
 from .redact import mask_secrets
 from .study import current_trial
@@ -20,12 +20,15 @@ log = logging.getLogger("mnist_sweep")
 
 
 def run_tags(device: str) -> dict[str, str]:
+    """The run's environment (tracking.ENVIRONMENT_TAGS), read once the run is prepared (its thread count set)."""
     import torch
 
-    tags = {"device": device, "torch": torch.__version__}
+    tags = {tracking.DEVICE_TAG: device, tracking.THREADS_TAG: str(torch.get_num_threads()),
+            tracking.CPU_TAG: machine.cpu_model(), tracking.CPU_FLAGS_TAG: " ".join(machine.cpu_flags()) or "none"}
+    tags |= {tracking.VERSION_TAGS[p]: v for p, v in machine.package_versions(tracking.PACKAGES).items()}
     commit = tracking.git_commit(SOURCE) if SOURCE else None  # an installed wheel has no commit of its own
     if commit:
-        tags["mlflow.source.git.commit"] = commit
+        tags[tracking.GIT_COMMIT_TAG] = commit
     return tags
 
 
@@ -64,18 +67,18 @@ def progress_bar(tty: bool, epochs: int, batch_size: int):
 
 
 def train_and_record(spec: RunSpec, recording: Recording, params: Mapping[str, Any], config_yaml: str,
-                     env: Mapping[str, str]) -> tuple[list[float], str]:
+                     env: Mapping[str, str], extra_tags: Mapping[str, str] | None = None) -> tuple[list[float], str]:
     """Prepare (fail fast), then train inside one MLflow run; returns (objective values, run id).
 
     `params` (flat) and `config_yaml` are the resolved config as recorded, secrets masked here. In a sweep (`env`
     holds the trial, see study.current_trial) every epoch is reported to the trial, which may prune it, and the
-    run is the one the sweeper made for the trial (MLFLOW_RUN_ID)."""
+    run is the one the sweeper made for the trial (MLFLOW_RUN_ID). `extra_tags` go on the run with its own."""
     prepared = prepare(spec)
     for warning in prepared.warnings:
         log.warning(warning)
     trial = current_trial(env)
     client = tracking.make_client(recording.tracking_uri)
-    tags = run_tags(str(prepared.device)) | tracking.source_tags()
+    tags = run_tags(str(prepared.device)) | tracking.source_tags() | dict(extra_tags or {})
     run_id = env.get("MLFLOW_RUN_ID") if trial.number is not None else None
     with tracking.RunRecorder(client, recording.experiment, recording.run_name, tags=tags, run_id=run_id,
                               finished_on=(optuna.TrialPruned,)) as rec:  # a pruned run is complete as far as it went

@@ -545,9 +545,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def machine_line() -> str:
-    from .bench import machine
+    from .machine import summary
 
-    m = machine()
+    m = summary()
     return (f"{m['cpu']}, {m['logical_cores']} logical cores, CPU flags: {m['cpu_flags'] or 'none listed'}; "
             f"torch {m['torch']}, Python {m['python']}")
 

@@ -41,6 +41,17 @@ TRIAL_NUMBER_TAG = "trial_number"  # a trial's run: the Optuna trial number
 TRIAL_STATE_TAG = "trial_state"  # a trial's run: the Optuna state the trial ended in (COMPLETE, PRUNED, FAIL)
 END_REASON_TAG = "end_reason"  # a run ended by an exception: `Type: message`
 OPTIMIZED_METRIC_PARAM = "optimized_metric"  # a study's parent run: its objectives, comma-separated
+REPLAY_OF_TAG = "replay_of"  # a run made by `python -m mnist_sweep.replay`: the id of the run it replays
+# Every training run's environment (run.py writes them; replay.py compares a replay's with its original's): what
+# its result depends on besides its config
+DEVICE_TAG = "device"  # the torch device it trained on: cpu, cuda, cuda:1, mps
+THREADS_TAG = "torch_threads"  # torch's CPU threads while it trained
+CPU_TAG = "cpu"  # the CPU's model name
+CPU_FLAGS_TAG = "cpu_flags"  # the speed-relevant CPU flags it has (machine.SPEED_FLAGS), space-separated
+GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own tag: the commit of the checkout it ran from
+PACKAGES = ("torch", "torchvision", "hydra-core", "optuna", "mlflow")  # whose versions every run records
+VERSION_TAGS = {package: f"version.{package}" for package in PACKAGES}  # version.torch: 2.14.1+cpu, ...
+ENVIRONMENT_TAGS = (*VERSION_TAGS.values(), CPU_TAG, CPU_FLAGS_TAG, THREADS_TAG, DEVICE_TAG, GIT_COMMIT_TAG)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -94,11 +105,14 @@ def existing_client(tracking_uri: str, option: str = "--tracking-uri"):
     if database is not None and not database.is_file():
         raise UserError(f"{option} {tracking_uri}: no MLflow store there ({database.absolute()} does not exist); "
                         f"run this where the sweep ran, or pass {option} with the sweep's mlflow.tracking_uri")
+    if tracking_uri.startswith(("http://", "https://")):
+        check_server(tracking_uri, key=option)
     return make_client(tracking_uri)
 
 
-def check_server(uri: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
-    """Raise ConfigError unless something answers HTTP at `uri` (any status: a proxy may hide /health)."""
+def check_server(uri: str, timeout: float = CONNECT_TIMEOUT_S, key: str = "mlflow.tracking_uri") -> None:
+    """Raise ConfigError unless something answers HTTP at `uri` (any status: a proxy may hide /health); `key`:
+    the setting or option the URI came from."""
     import urllib.error
     import urllib.request
 
@@ -108,7 +122,7 @@ def check_server(uri: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
         return
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise ConfigError(f"MLflow tracking server {uri!r} (mlflow.tracking_uri) cannot be reached: {reason}; "
+        raise ConfigError(f"MLflow tracking server {uri!r} ({key}) cannot be reached: {reason}; "
                           "start it (mlflow server ...) or fix the URI") from None
 
 

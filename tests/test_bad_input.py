@@ -15,6 +15,9 @@ from mnist_sweep.errors import DivergedError, UserError
 
 BAD_INPUTS = [
     ("model.conv1_channels=0", "model.conv1_channels=0 must be >= 1"),
+    ("model.blocks=[[32,0]]", "model.blocks=[[32, 0]] is not a valid list of conv blocks; allowed: a list of at "
+                              "most 4 blocks"),
+    ("model.blocks=[32,64]", "model.blocks=[32, 64] is not a valid list of conv blocks"),
     ("model.dropout=1.0", "model.dropout=1.0 must be in [0, 1)"),
     ("model.dropout=abc", "model.dropout='abc' must be a finite number"),
     ("trainer.epochs=0", "trainer.epochs=0 must be >= 1"),

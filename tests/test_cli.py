@@ -1,11 +1,14 @@
 """End to end through the real CLI (`python -m mnist_sweep`) on tiny synthetic IDX data, MLflow in tmp_path."""
 
+import importlib.metadata
 import signal
 
+import optuna
 import pytest
 import torch
 
 from conftest import cli_args, mlflow_runs, run_cli, signal_cli_when
+from mnist_sweep import machine, tracking
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +29,12 @@ def test_single_run_records_metrics_params_and_artifacts(tmp_path, mnist_root):
     assert run.data.metrics["model/params"] > 0
     assert run.data.params["model.conv1_channels"] == "8"
     assert run.data.params["optimizer._target_"] == "torch.optim.Adadelta"
-    assert run.data.tags["device"] == "cpu" and run.data.tags["torch"] == torch.__version__
+    tags = run.data.tags  # the environment, to tell a result from another machine apart (and to replay it)
+    assert tags[tracking.DEVICE_TAG] == "cpu" and tags[tracking.THREADS_TAG] == "1"  # FAST: trainer.threads=1
+    assert tags["version.torch"] == importlib.metadata.version("torch") and tags["version.optuna"] == optuna.__version__
+    assert tags[tracking.CPU_TAG] == machine.cpu_model() and tags[tracking.CPU_FLAGS_TAG].split() == (
+        machine.cpu_flags() or ["none"])
+    assert set(tracking.ENVIRONMENT_TAGS) <= set(tags)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "confusion_matrix.png", "model"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {

@@ -30,7 +30,7 @@ def test_help_names_the_project_and_shows_examples(monkeypatch, capsys):
     out = run_in_process(monkeypatch, capsys, "--help")
     assert out.startswith("mnist-sweep: train and sweep a CNN on MNIST")
     assert "  mnist-sweep model=wide optimizer=adamw trainer.epochs=3" in out
-    assert "model: default, small, wide" in out and "optimizer: adadelta, adamw, sgd" in out  # the groups
+    assert "model: deep, default, small, wide" in out and "optimizer: adadelta, adamw, sgd" in out  # the groups
     assert "\nmodel:\n  conv1_channels: 32" in out  # the config
     assert "$MNIST_ROOT" in out and 'eval "$(mnist-sweep -sc install=bash)"' in out  # $$ came out as $
     assert "powered by Hydra" not in out and "__main__" not in out
@@ -48,7 +48,8 @@ def test_tab_completion_offers_groups_and_options(monkeypatch, capsys):
         return run_in_process(monkeypatch, capsys, "-sc", "query=bash").split()
 
     assert "model=" in complete("mnist-sweep mo")
-    assert complete("mnist-sweep trainer.epochs=2 model=") == ["model=default", "model=small", "model=wide"]
+    assert complete("mnist-sweep trainer.epochs=2 model=") == ["model=deep", "model=default", "model=small",
+                                                                 "model=wide"]
 
 
 @pytest.mark.parametrize("program", ["/venv/bin/mnist-sweep", str(REPO / "mnist_sweep" / "__main__.py")],
@@ -106,7 +107,7 @@ def test_the_installed_console_script_prints_the_help(installed_wheel, tmp_path)
     proc = run_installed([str(installed_wheel / "bin" / "mnist-sweep"), "--help"], installed_wheel, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("mnist-sweep: train and sweep a CNN on MNIST")
-    assert "  mnist-sweep experiment=speedrun" in proc.stdout and "model: default, small, wide" in proc.stdout
+    assert "  mnist-sweep experiment=speedrun" in proc.stdout and "model: deep, default, small, wide" in proc.stdout
 
 
 @pytest.mark.slow

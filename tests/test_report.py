@@ -199,7 +199,7 @@ def test_the_registered_version_is_a_logged_model_of_its_run(recorded_study):
 
 
 @pytest.mark.slow
-def test_training_runs_record_their_dataset_and_source(recorded_study):
+def test_training_runs_record_their_dataset_source_and_environment(recorded_study):
     from conftest import mlflow_runs
 
     from mnist_sweep.data import digest, load_mnist
@@ -211,6 +211,7 @@ def test_training_runs_record_their_dataset_and_source(recorded_study):
     for run in trials:
         assert run.data.tags["mlflow.source.name"] == "mnist_sweep"
         assert run.data.tags["mlflow.source.type"] == "LOCAL"
+        assert set(tracking.ENVIRONMENT_TAGS) <= set(run.data.tags)  # a trial's run too (replay.py reads them)
         [used] = run.inputs.dataset_inputs
         assert used.dataset.name == "mnist" and len(used.dataset.digest) == 16
         assert {t.key: t.value for t in used.tags} == {"mlflow.data.context": "training"}

@@ -18,9 +18,12 @@ from mnist_sweep.tracking import RunRecorder, retry_locked
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """(client, database file) of one SQLite MLflow store for the module: opening a new one takes seconds."""
+    """(client, database file) of one SQLite MLflow store for the module: opening a new one takes seconds. Its
+    artifacts go to ./mlruns, MLflow's default, so the module runs in the store's folder, not the checkout."""
     db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
-    return tracking.make_client(f"sqlite:///{db}"), db
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(db.parent)
+        yield tracking.make_client(f"sqlite:///{db}"), db
 
 
 def locked_error():
@@ -113,3 +116,52 @@ def test_a_full_artifact_store_names_it(store, monkeypatch):
     artifacts = client.get_run(rec.run_id).info.artifact_uri
     assert str(err.value) == (f"no space left to save the model weights in {artifacts} (No space left on device); "
                               "free space there and run again")
+
+
+ROUND_TRIP = {"classic": ModelConfig(conv1_channels=4, conv2_channels=8, fc_width=16),
+              "deep": ModelConfig(blocks=[[8, 8], [16]], batch_norm=True, fc_width=16)}
+
+
+def logged_net(client, name: str):
+    """(net, run id) of a net whose weights are logged to a finished run, as a training run logs them."""
+    import torch
+
+    cfg = ROUND_TRIP[name]
+    torch.manual_seed(0)
+    net = build_model(cfg).eval()
+    with RunRecorder(client, "round trip") as rec:
+        rec.log_params({"data.mean": 0.1307, "data.std": 0.3081})  # what predict and the registry normalize with
+        rec.log_model_weights(net, cfg)
+    return net, rec.run_id
+
+
+@pytest.mark.parametrize("name", ROUND_TRIP)
+def test_predict_and_report_rebuild_a_logged_net_of_either_kind(store, name):
+    """predict --run-id and the report rebuild a run's net from model/model_config.json and its weights."""
+    import torch
+
+    from mnist_sweep import predict
+
+    client, _ = store
+    net, run_id = logged_net(client, name)
+    loaded = predict.load_model(client, run_id, None, "sqlite:///unused")
+    assert type(loaded.net) is type(net) and (loaded.mean, loaded.std) == (0.1307, 0.3081)
+    batch = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.net(batch), net(batch))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ROUND_TRIP)
+def test_the_registry_registers_and_loads_a_net_of_either_kind(store, name):
+    import torch
+
+    from mnist_sweep import registry
+
+    client, _ = store
+    net, run_id = logged_net(client, name)
+    version = registry.register_model(client, run_id, f"round_trip_{name}")
+    registered, mean, std = registry.load_registered_model(client, f"round_trip_{name}", version.version)
+    batch = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(registered(batch), net(batch))
