@@ -66,10 +66,9 @@ def override_keys(overrides: Iterable[str]) -> set[str]:
 def space_overrides(params: dict[str, str], fixed_by_user: set[str]) -> list[str]:
     """The space's params as upstream's command-line sweeps, less the keys the user's overrides fix (a group, or
     the key itself): our sweeper leaves those out of its space the same way, so both search the same space."""
-    def fixed(key: str) -> bool:
-        return any(key == u or key.startswith(f"{u}.") for u in fixed_by_user)
+    from .sweeper import set_by
 
-    return [f"{k}={v}" for k, v in params.items() if not fixed(k)]
+    return [f"{k}={v}" for k, v in params.items() if not set_by(k, fixed_by_user)]
 
 
 def study_overrides(study: str, params: dict[str, str], n_jobs: int, max_failure_rate: float, seed: int,

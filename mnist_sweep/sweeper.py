@@ -338,11 +338,7 @@ class OptunaPruningSweeper(Sweeper):
                               "grammar, e.g. 'x=interval(0.1,0.6)', 'y=choice(64,128)', "
                               "'lr=tag(log,interval(1e-4,1e-1))'") from None
         user_keys = list(given_fixed) + [k.lstrip("~") for k in given_other]
-
-        def fixed_by_user(key: str) -> bool:
-            return any(key == u or key.startswith(f"{u}.") for u in user_keys)
-
-        dropped = sorted(k for k in list(space) + list(space_fixed) if fixed_by_user(k) and k not in given)
+        dropped = sorted(k for k in list(space) + list(space_fixed) if set_by(k, user_keys) and k not in given)
         if dropped and warn:
             log.warning(f"search space: left out {', '.join(dropped)}: fixed on the command line")
         distributions = {k: v for k, v in space.items() if k not in dropped} | given
@@ -691,6 +687,12 @@ def recipe(overrides: list[str], groups: set[str], exclude: tuple[str, ...] = ()
         else:
             values[key] = override.value()
     return choices, values
+
+
+def set_by(key: str, user_keys) -> bool:
+    """Whether an override of one of `user_keys` sets `key`: the key itself, or a group or node above it
+    (`model=small` sets model.fc_width)."""
+    return any(key == u or key.startswith(f"{u}.") for u in user_keys)
 
 
 def space_from_overrides(arguments: list[str]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
