@@ -354,7 +354,19 @@ def log_dataset(client, run_id: str, cfg: DataConfig, splits: Splits) -> None:
     dataset = Dataset(name=DATASET_NAME, digest=digest.hexdigest()[:16], source_type="local",
                       source=json.dumps({"uri": str(Path(cfg.root).expanduser().absolute() / "MNIST" / "raw")}),
                       schema=json.dumps(schema), profile=json.dumps(sizes | {"files_digest": content}))
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
+    inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])]
+    try:
+        retry_locked(client.log_inputs, run_id, datasets=inputs)
+    except Exception as e:
+        # Two runs logging a dataset new to the experiment at the same moment (parallel trials): MLflow's store
+        # looks the dataset up, then inserts it, and the slower insert hits the unique key. The dataset now
+        # exists, so logging again links it to this run.
+        if not any(text in str(e) for text in _DUPLICATE_KEY):
+            raise
+        retry_locked(client.log_inputs, run_id, datasets=inputs)
+
+
+_DUPLICATE_KEY = ("UniqueViolation", "UNIQUE constraint failed", "Duplicate entry")  # PostgreSQL, SQLite, MySQL
 
 
 def child_runs(client, parent_run_id: str, status: str | None = None) -> list:

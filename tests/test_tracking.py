@@ -165,3 +165,41 @@ def test_the_registry_registers_and_loads_a_net_of_either_kind(store, name):
     batch = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(registered(batch), net(batch))
+
+
+def test_a_dataset_logged_by_two_runs_at_once_is_linked_to_both(store, mnist_root):
+    """Parallel trials log the same new dataset at the same moment; MLflow's store looks it up, then inserts, so
+    one of them hits the unique key (seen in CI on PostgreSQL). That run logs it again and is linked to it."""
+    from types import SimpleNamespace
+
+    from mlflow.exceptions import RestException
+
+    from mnist_sweep.data import DataConfig
+
+    client, _ = store
+    exp = client.create_experiment("dataset_race")
+    run_id = client.create_run(exp).info.run_id
+    calls = []
+
+    class RacingClient:  # the real client, whose first log_inputs loses the race as the server reports it
+        def log_inputs(self, run_id, datasets):
+            calls.append(run_id)
+            if len(calls) == 1:
+                raise RestException({"error_code": "BAD_REQUEST", "message": "(psycopg.errors.UniqueViolation) "
+                                     "duplicate key value violates unique constraint \"dataset_pk\""})
+            client.log_inputs(run_id, datasets=datasets)
+
+    splits = SimpleNamespace(num_train=1000, num_val=200, num_test=300)
+    tracking.log_dataset(RacingClient(), run_id, DataConfig(root=str(mnist_root), download=False), splits)
+    assert calls == [run_id, run_id]
+    assert [d.dataset.name for d in client.get_run(run_id).inputs.dataset_inputs] == [tracking.DATASET_NAME]
+
+    class BrokenClient:
+        def log_inputs(self, run_id, datasets):
+            calls.append(run_id)
+            raise RestException({"error_code": "BAD_REQUEST", "message": "experiment 7 does not exist"})
+
+    calls.clear()
+    with pytest.raises(RestException, match="does not exist"):
+        tracking.log_dataset(BrokenClient(), run_id, DataConfig(root=str(mnist_root), download=False), splits)
+    assert calls == [run_id]  # only the race is retried

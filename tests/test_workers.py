@@ -92,7 +92,8 @@ def assert_exact_budget(study: optuna.Study, n_trials: int) -> None:
     """n_trials counted trials, all finished, none run twice: distinct numbers and distinct params."""
     counted = sweep.counted_trials(study)
     assert len(counted) == n_trials, [(t.number, t.state) for t in study.trials]
-    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in counted)
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in counted), \
+        [(t.number, t.state.name, t.user_attrs.get(sweep.FAIL_REASON_ATTR)) for t in study.trials]
     assert TrialState.RUNNING not in [t.state for t in study.trials]
     assert len({t.number for t in counted}) == n_trials
     assert len({tuple(sorted(t.params.items())) for t in counted}) == n_trials
