@@ -52,14 +52,14 @@ start)
 
     # munge: SLURM's authentication, with a key made for this cluster
     mungekey --create --keyfile="$dir/munge/munge.key"
-    nice -n 19 munged --force --socket="$dir/munge/socket" --key-file="$dir/munge/munge.key" \
+    munged --force --socket="$dir/munge/socket" --key-file="$dir/munge/munge.key" \
         --pid-file="$dir/munge/munged.pid" --log-file="$dir/munge/munged.log" --seed-file="$dir/munge/seed"
 
     # MariaDB for slurmdbd: small buffers, no binary log, loopback TCP only
     db_port=$(port)
     mariadb-install-db --no-defaults --datadir="$dir/mysql" --user=root --skip-test-db \
         --auth-root-authentication-method=normal >"$dir/mariadb-install.log" 2>&1
-    nice -n 19 mariadbd --no-defaults --datadir="$dir/mysql" --user=root --socket="$dir/mysql.sock" \
+    mariadbd --no-defaults --datadir="$dir/mysql" --user=root --socket="$dir/mysql.sock" \
         --pid-file="$dir/mariadb.pid" --bind-address=127.0.0.1 --port="$db_port" --skip-grant-tables \
         --skip-log-bin --innodb-buffer-pool-size=32M --performance-schema=OFF \
         --log-error="$dir/mariadb.log" >/dev/null 2>&1 &
@@ -119,11 +119,11 @@ ReturnToService=2
 $node NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
-    nice -n 19 slurmdbd
+    slurmdbd
     wait_for 60 slurmdbd sacctmgr -i list cluster
     sacctmgr -i add cluster ci >/dev/null
-    nice -n 19 slurmctld -c -i
-    nice -n 19 slurmd
+    slurmctld -c -i
+    slurmd
     wait_for 90 "the idle node" bash -c '[ "$(sinfo -h -o %t)" = idle ]'
     echo "$conf" ;;
 stop)  # also after a start that failed half-way: each daemon that wrote its pid file is stopped
