@@ -71,18 +71,18 @@ def job_parameters(params: dict[str, Any]) -> dict[str, Any]:
 def job_return(job: Any, overrides: list[str]) -> JobReturn:
     """A submitit job's JobReturn; a job that ended without a result, or whose app submitit stopped at the time
     limit (its signal handler raises UncompletedJobError inside the app), is a FAILED one with JobInterrupted."""
-    from submitit.core.utils import UncompletedJobError
+    from submitit.core.utils import FailedJobError, UncompletedJobError
 
     from .sweeper import job_error
 
     try:
         ret: JobReturn = job.results()[0]
+    except FailedJobError:  # the job's process failed outside the app: its traceback (a page) is in its log
+        return failed_return(overrides, RuntimeError(
+            f"SLURM job {job.job_id} failed outside the app; its log: {job.paths.stderr}"))
     except UncompletedJobError:  # no result file and sacct says the job is over: it was stopped from outside
         return failed_return(overrides, JobInterrupted(f"SLURM job {job.job_id} ended {job.state} before its "
                                                        "trial did"))
-    except Exception:  # submitit's FailedJobError: the job's process failed outside the app (its traceback is in
-        return failed_return(overrides, RuntimeError(  # the job's log, not shown here: it is a page)
-            f"SLURM job {job.job_id} failed outside the app; its log: {job.paths.stderr}"))
     error = job_error(ret)
     if isinstance(error, UncompletedJobError):
         return failed_return(overrides, JobInterrupted(f"SLURM job {job.job_id} reached its time limit "

@@ -61,6 +61,7 @@ from .redact import mask_secrets
 log = logging.getLogger("optuna_pruning")
 SAMPLER_TARGETS = ("optuna.samplers.*", "hydra_plugins.hydra_optuna_sweeper.*")
 SIGNIFICANT_DIGITS = 4  # floats in the trial lines printed to the user
+SLURM_LAUNCHER = "mnist_sweep.slurm.SlurmLauncher"  # hydra/launcher=slurm's _target_
 RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED", TrialState.FAIL: "FAILED"}
 
 
@@ -170,6 +171,7 @@ class OptunaPruningSweeper(Sweeper):
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
+        register_slurm_launcher(config.hydra.launcher)
         self.launcher = Plugins.instance().instantiate_launcher(
             config=config, hydra_context=hydra_context, task_function=task_function)
 
@@ -678,6 +680,16 @@ def retry_once(study: optuna.Study, number: int) -> None:
     if any(RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == number for t in trials):
         return  # already queued
     RetryHeartbeatStaleTrialCallback(max_retry=1)(study, frozen)
+
+
+def register_slurm_launcher(launcher_cfg: DictConfig) -> None:
+    """hydra/launcher=slurm's launcher (slurm.py) lives outside the hydra_plugins namespace that Hydra scans: it is
+    registered (Hydra's public Plugins.register) when chosen, and only then imported, since it needs the submitit
+    plugin. An entry point would make every run without that plugin warn that it cannot be loaded."""
+    if OmegaConf.select(launcher_cfg, "_target_") == SLURM_LAUNCHER:
+        from . import slurm
+
+        Plugins.instance().register(slurm.SlurmLauncher)
 
 
 def check_cluster(launcher: Any) -> None:
