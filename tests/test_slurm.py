@@ -118,7 +118,7 @@ def test_a_sweep_through_slurm_runs_each_trial_as_a_job_prunes_and_nests_its_run
 def test_a_cancelled_job_fails_its_trial_whose_parameters_run_once_more(tmp_path, mnist_root, slurm):
     """scancel of a trial's job mid-training: the trial FAIL with the reason, its MLflow run KILLED, its parameters
     queued again and run as a new job; the study ends with its budget and nothing RUNNING."""
-    args = sweep_args(tmp_path, mnist_root, *launcher_args(slurm), *SPACE, "trainer.epochs=40",
+    args = sweep_args(tmp_path, mnist_root, *launcher_args(slurm), *SPACE, "trainer.epochs=50",
                       "hydra.sweeper.n_trials=1", "hydra/sweeper/pruner=none")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MNIST_ROOT": str(tmp_path / "no-such-data")}
     proc = subprocess.Popen([sys.executable, "-m", "mnist_sweep", *args], cwd=tmp_path, env=env,
@@ -130,9 +130,9 @@ def test_a_cancelled_job_fails_its_trial_whose_parameters_run_once_more(tmp_path
             time.sleep(0.5)
         (job,) = subprocess.run(["squeue", "-h", f"--name={slurm}", "-o", "%i"], capture_output=True, text=True,
                                 check=True).stdout.split()
-        # stopped first (SIGSTOP to its processes; the job stays RUNNING), so that it is still mid-training when
-        # SLURM ends it however fast this machine trains: submitit ignores the SIGTERM of scancel, and the job
-        # would run on until SIGKILL, KillWait (2 s) later
+        # stopped first (SIGSTOP to its processes; the job stays RUNNING) at its first epoch. scancel resumes it
+        # with SIGCONT and SIGTERM, which submitit ignores, and SIGKILL ends it about 5 s later here: 50 epochs
+        # (about 12 s here) leave it mid-training
         subprocess.run(["scancel", "--signal=STOP", job], check=True)
         subprocess.run(["scancel", job], check=True)
         output, _ = proc.communicate(timeout=240)
@@ -145,7 +145,7 @@ def test_a_cancelled_job_fails_its_trial_whose_parameters_run_once_more(tmp_path
     cancelled, retry = study.trials
     assert cancelled.state == TrialState.FAIL
     assert re.search(rf"JobInterrupted: SLURM job {re.escape(job)} ended CANCELLED", cancelled.user_attrs["fail_reason"])
-    assert len(cancelled.intermediate_values) < 40  # it was stopped mid-training
+    assert len(cancelled.intermediate_values) < 50  # it was stopped mid-training
     assert retry.state == TrialState.COMPLETE and retry.params == cancelled.params
     assert retry.system_attrs.get("failed_trial") == 0 and len(sweep.counted_trials(study)) == 1
     parent, children = runs_by_trial(tmp_path)
