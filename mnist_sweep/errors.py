@@ -25,6 +25,12 @@ class DivergedError(UserError):
     """The training loss became NaN or infinite."""
 
 
+class JobInterrupted(Exception):
+    """A launcher's job that ended without its trial's result, stopped from outside: cancelled (scancel), out of
+    its time limit, its node lost, its process killed. The sweeper handles the trial as interrupted, like Ctrl-C:
+    FAIL with this message, its MLflow run KILLED, its parameters queued to run again once."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (kill, docker stop, SLURM, Kubernetes), handled like Ctrl-C: runs end KILLED, trials FAIL and are
     re-run once on resume, and the process exits 143. A KeyboardInterrupt, so every Ctrl-C path applies."""

@@ -55,12 +55,13 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from . import local_workers, results, study as studies, tracking
-from .errors import ConfigError, StopSweep, Terminated, UserError, one_line
+from .errors import ConfigError, JobInterrupted, StopSweep, Terminated, UserError, one_line
 from .redact import mask_secrets
 
 log = logging.getLogger("optuna_pruning")
 SAMPLER_TARGETS = ("optuna.samplers.*", "hydra_plugins.hydra_optuna_sweeper.*")
 SIGNIFICANT_DIGITS = 4  # floats in the trial lines printed to the user
+SLURM_LAUNCHER = "mnist_sweep.slurm.SlurmLauncher"  # hydra/launcher=slurm's _target_
 RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED", TrialState.FAIL: "FAILED"}
 
 
@@ -170,6 +171,7 @@ class OptunaPruningSweeper(Sweeper):
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
+        register_slurm_launcher(config.hydra.launcher)
         self.launcher = Plugins.instance().instantiate_launcher(
             config=config, hydra_context=hydra_context, task_function=task_function)
 
@@ -203,6 +205,7 @@ class OptunaPruningSweeper(Sweeper):
         if self.worker is not None:
             self._work(settings, distributions, fixed_args)
             return
+        check_cluster(self.launcher)  # before the study, its parent run or any trial exists
         url = self.storage_url or f"sqlite:///{Path(self.config.hydra.sweep.dir).absolute() / 'optuna.db'}"
         name = self.study_name or (studies.study_name_for(self.space_name, distributions, fixed_args)
                                    if self.space_name else None)
@@ -429,11 +432,15 @@ class OptunaPruningSweeper(Sweeper):
                 raise
             self.job_idx += len(returns)
             for trial, ret in zip(batch, returns):
-                state, values, reason, stop = outcome(ret, len(settings.directions))
-                self._tell(study, trial, state, values, reason)
+                state, values, reason, stop, interrupted = outcome(ret, len(settings.directions))
+                # a job stopped from outside (scancel, a time limit) is an interruption, as Ctrl-C is here
+                self._tell(study, trial, state, values, reason, run_status="KILLED" if interrupted else None)
+                if interrupted:
+                    retry_once(study, trial.number)
                 if stop is not None:
                     raise stop
-                log.info(trial_end_line(study, trial.number, n_trials, self.metric_names))
+                log.info(trial_end_line(study, trial.number, n_trials, self.metric_names)
+                         + ("; its parameters run again once" if interrupted else ""))
             failed = studies.failed_count(study)
             if failed > settings.max_failure_rate * n_trials:
                 raise UserError(f"{failed} trials of the study failed, more than hydra.sweeper.max_failure_rate="
@@ -454,7 +461,10 @@ class OptunaPruningSweeper(Sweeper):
         run_id = trial.user_attrs.get(studies.RUN_ID_ATTR)
         if self.client is not None and run_id:
             self.client.set_tag(run_id, tracking.TRIAL_STATE_TAG, state.name)
-            if self.client.get_run(run_id).info.status == "RUNNING":  # the job did not end it (or died)
+            status = self.client.get_run(run_id).info.status
+            # RUNNING: the job did not end it (or died); an interrupted trial's run is KILLED, whatever the job
+            # made of the interruption (an app stopped by an exception at its time limit ends it FAILED)
+            if status == "RUNNING" or (run_status is not None and status != run_status):
                 tracking.retry_locked(self.client.set_terminated, run_id, status=run_status or RUN_STATUS[state])
 
     # -- MLflow --------------------------------------------------------------------------------------------------
@@ -617,27 +627,35 @@ def check_settings(n_trials: Any, n_jobs: Any, max_failure_rate: Any, heartbeat_
 
 
 def outcome(ret: JobReturn, n_objectives: int) -> tuple[TrialState, list[float] | None, str | None,
-                                                        StopSweep | None]:
-    """(state, values, reason, stop) of a finished job; `stop` is the error to stop the sweep with when the job
-    raised StopSweep (a config error: every other trial would fail the same way)."""
+                                                        StopSweep | None, bool]:
+    """(state, values, reason, stop, interrupted) of a finished job; `stop` is the error to stop the sweep with
+    when the job raised StopSweep (a config error: every other trial would fail the same way); `interrupted`:
+    the job was stopped from outside (JobInterrupted, from a launcher), its parameters deserve another run."""
     if ret.status == JobStatus.COMPLETED:
         values = objective_values(ret.return_value, n_objectives)
         if isinstance(values, str):
-            return TrialState.FAIL, None, values, None
-        return TrialState.COMPLETE, values, None, None
-    try:  # the public way to get the job's exception re-raises it, after a line on stderr that the trial line says
-        with contextlib.redirect_stderr(io.StringIO()):
-            ret.return_value
-        error: BaseException = RuntimeError("the job failed without an exception")
-    except Exception as e:
-        error = e
+            return TrialState.FAIL, None, values, None, False
+        return TrialState.COMPLETE, values, None, None, False
+    error = job_error(ret) or RuntimeError("the job failed without an exception")
     if isinstance(error, optuna.TrialPruned):
-        return TrialState.PRUNED, None, str(error), None
+        return TrialState.PRUNED, None, str(error), None, False
     reason = f"{type(error).__name__}: {error}"
     if isinstance(error, StopSweep):
         shown = " ".join(o for o in (ret.overrides or []) if not o.startswith(("hydra.", "++hydra.")))
-        return TrialState.FAIL, None, reason, StopSweep(f"a trial ({shown}) stopped the sweep: {error}")
-    return TrialState.FAIL, None, reason, None
+        return TrialState.FAIL, None, reason, StopSweep(f"a trial ({shown}) stopped the sweep: {error}"), False
+    return TrialState.FAIL, None, reason, None, isinstance(error, JobInterrupted)
+
+
+def job_error(ret: JobReturn) -> BaseException | None:
+    """The exception of a failed job, None for any other."""
+    if ret.status != JobStatus.FAILED:
+        return None
+    try:  # the public way to get the job's exception re-raises it, after a line on stderr that the trial line says
+        with contextlib.redirect_stderr(io.StringIO()):
+            ret.return_value
+    except Exception as e:
+        return e
+    return None
 
 
 def objective_values(returned: Any, n_objectives: int) -> list[float] | str:
@@ -662,6 +680,27 @@ def retry_once(study: optuna.Study, number: int) -> None:
     if any(RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == number for t in trials):
         return  # already queued
     RetryHeartbeatStaleTrialCallback(max_retry=1)(study, frozen)
+
+
+def register_slurm_launcher(launcher_cfg: DictConfig) -> None:
+    """hydra/launcher=slurm's launcher (slurm.py) lives outside the hydra_plugins namespace that Hydra scans: it is
+    registered (Hydra's public Plugins.register) when chosen, and only then imported, since it needs the submitit
+    plugin. An entry point would make every run without that plugin warn that it cannot be loaded."""
+    if OmegaConf.select(launcher_cfg, "_target_") == SLURM_LAUNCHER:
+        from . import slurm
+
+        Plugins.instance().register(slurm.SlurmLauncher)
+
+
+def check_cluster(launcher: Any) -> None:
+    """A SLURM launcher (Hydra's submitit plugin, or hydra/launcher=slurm's subclass of it) needs a controller
+    that answers: asked before the study is opened, so a cluster that is down is one error line and no trial.
+    Other launchers need no check; the plugin is not imported for them."""
+    plugin = sys.modules.get("hydra_plugins.hydra_submitit_launcher.submitit_launcher")
+    if plugin is not None and isinstance(launcher, plugin.SlurmLauncher):
+        from . import slurm
+
+        slurm.check_cluster()
 
 
 def share_cores(launcher: str, n_jobs: int) -> None:

@@ -141,7 +141,7 @@ def test_slurm_launcher_composes():
                         reason="hydra-submitit-launcher is not installed (pip install hydra-submitit-launcher)")
     cfg = compose_config("hydra/launcher=slurm", "storage=postgres", hydra=True)
     launcher = cfg.hydra.launcher
-    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher._target_ == "mnist_sweep.slurm.SlurmLauncher"
     assert launcher.cpus_per_task == 4 and launcher.timeout_min == 60 and launcher.partition is None
     assert launcher.submitit_folder.endswith("/.submitit/%j")
 
