@@ -77,8 +77,11 @@ def signal_cli_when(args: list[str], cwd: Path, ready, sig: int, timeout: float 
     import time
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MNIST_ROOT": str(cwd / "no-such-data")}
+    # SIGINT as a terminal's foreground process has it: a shell that ran the tests in the background (`cmd &`,
+    # nohup) leaves it ignored, and a child inherits that, so Ctrl-C would never reach the run
     proc = subprocess.Popen([sys.executable, "-m", "mnist_sweep", *args], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + timeout
         while not _ready(ready):

@@ -115,9 +115,10 @@ def test_a_sweep_through_slurm_runs_each_trial_as_a_job_prunes_and_nests_its_run
 
 @needs_slurm
 @pytest.mark.slow
-def test_a_cancelled_job_fails_its_trial_whose_parameters_run_once_more(tmp_path, mnist_root, slurm):
-    """scancel of a trial's job mid-training: the trial FAIL with the reason, its MLflow run KILLED, its parameters
-    queued again and run as a new job; the study ends with its budget and nothing RUNNING."""
+@pytest.mark.parametrize("stop", ["scancel", "time limit"])
+def test_a_cancelled_job_fails_its_trial_whose_parameters_run_once_more(tmp_path, mnist_root, slurm, stop):
+    """scancel of a trial's job mid-training, or its time limit: the trial FAIL with the reason, its MLflow run
+    KILLED, its parameters queued again and run as a new job; the study ends with its budget and nothing RUNNING."""
     args = sweep_args(tmp_path, mnist_root, *launcher_args(slurm), *SPACE, "trainer.epochs=50",
                       "hydra.sweeper.n_trials=1", "hydra/sweeper/pruner=none")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MNIST_ROOT": str(tmp_path / "no-such-data")}
@@ -134,7 +135,10 @@ def test_a_cancelled_job_fails_its_trial_whose_parameters_run_once_more(tmp_path
         # with SIGCONT and SIGTERM, which submitit ignores, and SIGKILL ends it about 5 s later here: 50 epochs
         # (about 12 s here) leave it mid-training
         subprocess.run(["scancel", "--signal=STOP", job], check=True)
-        subprocess.run(["scancel", job], check=True)
+        if stop == "scancel":
+            subprocess.run(["scancel", job], check=True)
+        else:  # the limit moved to now: slurmctld's next time-limit check (every 30 s) ends the job as TIMEOUT
+            subprocess.run(["scontrol", "update", f"JobId={job}", "EndTime=now"], check=True)
         output, _ = proc.communicate(timeout=240)
     finally:
         proc.kill()
@@ -144,7 +148,10 @@ def test_a_cancelled_job_fails_its_trial_whose_parameters_run_once_more(tmp_path
     study = load(tmp_path)
     cancelled, retry = study.trials
     assert cancelled.state == TrialState.FAIL
-    assert re.search(rf"JobInterrupted: SLURM job {re.escape(job)} ended CANCELLED", cancelled.user_attrs["fail_reason"])
+    state = "CANCELLED" if stop == "scancel" else "TIMEOUT"
+    # at its time limit SLURM signals the job first, and submitit's handler inside it says so
+    said = "ended CANCELLED" if stop == "scancel" else "(ended TIMEOUT|reached its time limit)"
+    assert re.search(rf"JobInterrupted: SLURM job {re.escape(job)} {said}", cancelled.user_attrs["fail_reason"])
     assert len(cancelled.intermediate_values) < 50  # it was stopped mid-training
     assert retry.state == TrialState.COMPLETE and retry.params == cancelled.params
     assert retry.system_attrs.get("failed_trial") == 0 and len(sweep.counted_trials(study)) == 1
@@ -152,7 +159,7 @@ def test_a_cancelled_job_fails_its_trial_whose_parameters_run_once_more(tmp_path
     assert children[0].info.status == "KILLED" and children[0].data.tags["trial_state"] == "FAIL"
     assert children[1].info.status == "FINISHED" and parent.info.status == "FINISHED"
     jobs = sacct(slurm, 2)
-    assert jobs.pop(job, "").startswith("CANCELLED") and list(jobs.values()) == ["COMPLETED"], jobs
+    assert jobs.pop(job, "").startswith(state) and list(jobs.values()) == ["COMPLETED"], jobs
 
 
 def trial_0_trains(tmp_path) -> bool:
