@@ -143,6 +143,7 @@ def experiment_id(client, name: str) -> str:
 
 LOCK_WAIT_S = 60.0  # seconds a write waits in all for another process's lock on a SQLite store (as Optuna's does)
 _LOCKED = "database is locked"
+_DUPLICATE_KEY = ("UniqueViolation", "UNIQUE constraint failed", "Duplicate entry")  # PostgreSQL, SQLite, MySQL
 T = TypeVar("T")
 
 
@@ -364,9 +365,6 @@ def log_dataset(client, run_id: str, cfg: DataConfig, splits: Splits) -> None:
         if not any(text in str(e) for text in _DUPLICATE_KEY):
             raise
         retry_locked(client.log_inputs, run_id, datasets=inputs)
-
-
-_DUPLICATE_KEY = ("UniqueViolation", "UNIQUE constraint failed", "Duplicate entry")  # PostgreSQL, SQLite, MySQL
 
 
 def child_runs(client, parent_run_id: str, status: str | None = None) -> list:
