@@ -259,6 +259,17 @@ def augment(x: Tensor, max_shift: int, max_rotation: float, generator: torch.Gen
     return F.grid_sample(x - background, grid, align_corners=False, padding_mode="zeros") + background
 
 
+def shift(x: Tensor, down: int, right: int, background: float) -> Tensor:
+    """A batch (N, C, H, W) moved by whole pixels (negative: up, left); the uncovered rows and columns get
+    `background`. Padding, not torch.roll: a roll would wrap the far edge's pixels round, ink included where a
+    digit touches it. Keeps x's memory format (channels_last)."""
+    h, w = x.shape[-2:]
+    out = torch.full_like(x, background)
+    out[..., max(down, 0):h + min(down, 0), max(right, 0):w + min(right, 0)] = (
+        x[..., max(-down, 0):h - max(down, 0), max(-right, 0):w - max(right, 0)])
+    return out
+
+
 @dataclass
 class Splits:
     """What training needs: batches for train, val and test."""

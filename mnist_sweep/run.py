@@ -99,7 +99,7 @@ def train_and_record(spec: RunSpec, recording: Recording, params: Mapping[str, A
         test, pred, label = evaluate(prepared, prepared.splits.test)
         rec.log_metrics({"test/acc": test["acc"], "test/loss": test["loss"], "time/fit_seconds": fit_seconds,
                          "time/test_seconds": time.perf_counter() - start - fit_seconds}, step=spec.trainer.epochs)
-        rec.log_model_weights(prepared.model, spec.model)
+        rec.log_model_weights(prepared.eval_model, spec.model)  # the EMA's weights, when on
         rec.log_figure(tracking.confusion_figure(confusion_matrix(pred, label),
                                                  f"test set: accuracy {test['acc']:.4f}"), "confusion_matrix.png")
         values = objective_values(history, prepared.num_params, spec.optimized_metric)

@@ -18,8 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .data import DataConfig, Splits, build_splits
+from .data import DataConfig, Splits, build_splits, shift
 from .errors import ConfigError, DivergedError
 from .model import IMAGE_SIZE, NUM_CLASSES, ModelConfig, build_model, count_parameters
 
@@ -28,6 +29,7 @@ PRECISIONS = ("fp32", "bf16")
 # torch.compile's modes; reduce-overhead replays the compiled forward and backward as CUDA graphs
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SCHEDULER_INTERVALS = ("epoch", "step")
+MAX_TTA_SHIFT = 4  # pixels: about the empty border around MNIST's 20x20 digit box; more pushes ink off
 
 # Every metric a run records, with the direction that makes it better. The same strings are MLflow metric
 # keys, Optuna objective names and valid values of `optimized_metric`.
@@ -56,6 +58,9 @@ class TrainerConfig:
     threads: int = 0  # torch CPU threads; 0 keeps torch's default (one per core)
     compile: bool = False  # torch.compile the model (pays off only for long runs)
     compile_mode: str = "default"  # torch.compile's mode, when compile is true (COMPILE_MODES)
+    label_smoothing: float = 0.0  # cross-entropy label smoothing of the training loss only; 0 = off
+    ema_decay: float = 0.0  # weights evaluated, tested and logged are an EMA with this decay per step; 0 = off
+    tta_shifts: int = 0  # validation/test average the image and its 4 shifts by this many pixels; 0 = off
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -68,6 +73,12 @@ class TrainerConfig:
                               f"{', '.join(COMPILE_MODES)}")
         if self.threads < 0:
             raise ConfigError(f"trainer.threads={self.threads} must be >= 0 (0 = torch's default)")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"trainer.label_smoothing={self.label_smoothing} must be in [0, 1) (0 = off)")
+        if not (self.ema_decay == 0 or 0 < self.ema_decay < 1):
+            raise ConfigError(f"trainer.ema_decay={self.ema_decay} must be 0 (off) or in (0, 1), e.g. 0.999")
+        if not 0 <= self.tta_shifts <= MAX_TTA_SHIFT:
+            raise ConfigError(f"trainer.tta_shifts={self.tta_shifts} must be in 0..{MAX_TTA_SHIFT} (pixels; 0 = off)")
         name, colon, index = self.device.partition(":")
         if name not in DEVICES or (colon and not (name == "cuda" and index.isdigit())):
             raise ConfigError(f"trainer.device={self.device!r} is not a device; allowed: auto, cpu, cuda, "
@@ -149,6 +160,13 @@ class Prepared:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     num_params: int
     warnings: list[str] = field(default_factory=list)
+    # trainer.ema_decay: the moving average of the weights, updated after every optimizer step; never compiled
+    ema: AveragedModel | None = None
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What is validated, tested and logged: the EMA's weights when trainer.ema_decay is set, else the model."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 def prepare(spec: RunSpec) -> Prepared:
@@ -185,9 +203,14 @@ def prepare(spec: RunSpec) -> Prepared:
                               f"too few steps for this schedule ({splits.num_train} training images, "
                               f"data.batch_size={spec.data.batch_size}); train more epochs or use a smaller "
                               "data.batch_size") from None
+    ema = None
+    if spec.trainer.ema_decay:
+        # A copy of the uncompiled model (channels_last kept). use_buffers: BatchNorm's running statistics are
+        # averaged too, so the averaged weights are evaluated with statistics that match them.
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(spec.trainer.ema_decay), use_buffers=True)
     if spec.trainer.compile:
         model = torch.compile(model, mode=spec.trainer.compile_mode)
-    return Prepared(spec, device, splits, model, optimizer, scheduler, num_params, warnings)
+    return Prepared(spec, device, splits, model, optimizer, scheduler, num_params, warnings, ema)
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -223,10 +246,12 @@ def train_epoch(p: Prepared, progress: Callable[[Iterable], Iterable] = iter) ->
     for step, (x, y) in enumerate(progress(p.splits.train)):
         x, y = _to_device(x, y, device, tcfg.channels_last)
         with autocast(tcfg.precision, device):
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(model(x), y, label_smoothing=tcfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if p.ema is not None:
+            p.ema.update_parameters(model)  # a compiled model's parameters are its original module's
         if step_per_batch:
             sched.step()
         loss_sum += loss.detach().float() * len(y)
@@ -268,11 +293,11 @@ def warm_up(p: Prepared, steps: int = 3) -> float:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    model.eval()
+    p.eval_model.eval()  # eval mode: the EMA's BatchNorm statistics are only read
     with torch.no_grad(), autocast(tcfg.precision, device):
         for n in sorted(eval_sizes, reverse=True):
             for _ in range(steps):
-                model(_random_batch(n, device, tcfg.channels_last)[0])
+                p.eval_model(_random_batch(n, device, tcfg.channels_last)[0])
     model.train()
     opt.zero_grad(set_to_none=True)
     with torch.no_grad():
@@ -305,20 +330,52 @@ def _diverged_message(p: Prepared, step: int) -> str:
 
 @torch.no_grad()
 def evaluate(p: Prepared, batches: Iterable) -> tuple[dict[str, float], Tensor, Tensor]:
-    """Mean loss and accuracy over `batches`, plus the predictions and labels (CPU) for a confusion matrix."""
-    p.model.eval()
+    """Mean loss and accuracy of p.eval_model over `batches`, plus the predictions and labels (CPU) for a confusion
+    matrix. With trainer.tta_shifts, each image is scored as the mean of its and its 4 shifts' class probabilities,
+    and the loss is the negative log of that mean at the true class."""
+    model, tcfg = p.eval_model, p.spec.trainer
+    model.eval()
     loss_sum = torch.zeros((), device=p.device)
     preds, labels = [], []
     for x, y in batches:
-        x, y = _to_device(x, y, p.device, p.spec.trainer.channels_last)
-        with autocast(p.spec.trainer.precision, p.device):
-            logits = p.model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        preds.append(logits.argmax(1))
+        x, y = _to_device(x, y, p.device, tcfg.channels_last)
+        if tcfg.tta_shifts:
+            log_probs = tta_log_probs(model, x, tcfg.tta_shifts, _background(p.spec.data), tcfg.precision, p.device)
+            loss_sum += F.nll_loss(log_probs, y, reduction="sum")
+            preds.append(log_probs.argmax(1))
+        else:
+            with autocast(tcfg.precision, p.device):
+                logits = model(x)
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+            preds.append(logits.argmax(1))
         labels.append(y)
     pred, label = torch.cat(preds).cpu(), torch.cat(labels).cpu()
     n = len(label)
     return {"loss": (loss_sum / n).item(), "acc": (pred == label).float().mean().item()}, pred, label
+
+
+def tta_offsets(pixels: int) -> list[tuple[int, int]]:
+    """(down, right) moves of test-time augmentation: none, then up, down, left and right. No flips: a flipped
+    digit is another digit or none."""
+    return [(0, 0), (-pixels, 0), (pixels, 0), (0, -pixels), (0, pixels)]
+
+
+def tta_log_probs(model: nn.Module, x: Tensor, pixels: int, background: float, precision: str,
+                  device: torch.device) -> Tensor:
+    """log of the mean of the class probabilities of x and of x shifted by `pixels` each way (float32, (N, 10)).
+
+    One forward per view at the batch's own size, so the shapes are those warm_up compiled and captured."""
+    views = []
+    for dy, dx in tta_offsets(pixels):
+        with autocast(precision, device):
+            logits = model(shift(x, dy, dx, background) if dy or dx else x)
+        views.append(F.log_softmax(logits.float(), dim=1))
+    return torch.logsumexp(torch.stack(views), dim=0) - math.log(len(views))
+
+
+def _background(cfg: DataConfig) -> float:
+    """The normalized value of a black pixel: what a shift uncovers."""
+    return (0.0 - cfg.mean) / cfg.std
 
 
 EpochCallback = Callable[[int, dict[str, float]], bool | None]  # True: stop after this epoch
