@@ -46,6 +46,7 @@ class DataConfig:
     std: float = 0.3081
     max_shift: int = 0  # augmentation: random translation in pixels (0 = off)
     max_rotation: float = 0.0  # augmentation: random rotation in degrees (0 = off)
+    max_zoom: float = 0.0  # augmentation: random scale in [1 - max_zoom, 1 + max_zoom] (0 = off)
     loader: str = "memory"  # memory | classic
     num_workers: int = 0  # DataLoader workers, classic loader only
 
@@ -63,6 +64,9 @@ class DataConfig:
         if self.max_shift < 0 or self.max_rotation < 0:
             raise ConfigError(f"data.max_shift={self.max_shift} and data.max_rotation={self.max_rotation} "
                               "must be >= 0")
+        if not 0 <= self.max_zoom < 1:
+            raise ConfigError(f"data.max_zoom={self.max_zoom} must be in [0, 1): a scale factor in "
+                              "[1 - max_zoom, 1 + max_zoom] (0 = off)")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
 
@@ -204,10 +208,10 @@ class TensorBatches:
     """
 
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, shuffle: bool, seed: int = 0,
-                 max_shift: int = 0, max_rotation: float = 0.0) -> None:
+                 max_shift: int = 0, max_rotation: float = 0.0, max_zoom: float = 0.0) -> None:
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle = batch_size, shuffle
-        self.max_shift, self.max_rotation = max_shift, max_rotation
+        self.max_shift, self.max_rotation, self.max_zoom = max_shift, max_rotation, max_zoom
         # The order and the augmentation are drawn where the images are: a CPU generator on a GPU would send each
         # epoch's permutation and each batch's random angles to the device (a host copy and a sync each).
         self.generator = torch.Generator(device=images.device).manual_seed(seed)
@@ -225,8 +229,8 @@ class TensorBatches:
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             x = self.images[idx]
-            if self.max_shift or self.max_rotation:
-                x = augment(x, self.max_shift, self.max_rotation, self.generator)
+            if self.max_shift or self.max_rotation or self.max_zoom:
+                x = augment(x, self.max_shift, self.max_rotation, self.generator, self.max_zoom)
             yield x, self.labels[idx]
 
 
@@ -245,14 +249,19 @@ class Reshuffle(torch.utils.data.Sampler):
         return iter(torch.randperm(self.n, generator=self.generator).tolist())
 
 
-def augment(x: Tensor, max_shift: int, max_rotation: float, generator: torch.Generator) -> Tensor:
-    """Random rotation and translation of a normalized batch, one affine warp for the whole batch."""
+def augment(x: Tensor, max_shift: int, max_rotation: float, generator: torch.Generator,
+            max_zoom: float = 0.0) -> Tensor:
+    """Random rotation, translation and (with max_zoom) scale of a normalized batch, one affine warp for the whole
+    batch. Without zoom no scale is drawn, so the random stream, and the runs, stay those of before the option."""
     n, device = x.shape[0], x.device  # `generator` lives on x's device: no host copy per batch
     angle = (torch.rand(n, generator=generator, device=device) * 2 - 1) * math.radians(max_rotation)
     # affine_grid works in [-1, 1] coordinates: one pixel is 2/28
     shift = (torch.randint(-max_shift, max_shift + 1, (n, 2), generator=generator, device=device).float()
              * 2 / x.shape[-1])
     cos, sin = angle.cos(), angle.sin()
+    if max_zoom:  # the grid samples the input at output / scale: dividing the rotation by the scale zooms by it
+        scale = 1 + (torch.rand(n, generator=generator, device=device) * 2 - 1) * max_zoom
+        cos, sin = cos / scale, sin / scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     background = x.amin()  # the normalized value of a black pixel
@@ -296,7 +305,7 @@ def _memory_splits(cfg: DataConfig, arrays: MnistArrays, train_idx: Tensor, val_
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = _device_tensors(cfg, arrays, train_idx, val_idx, device)
     return Splits(
         train=TensorBatches(train_x, train_y, cfg.batch_size, shuffle=True, seed=seed,
-                            max_shift=cfg.max_shift, max_rotation=cfg.max_rotation),
+                            max_shift=cfg.max_shift, max_rotation=cfg.max_rotation, max_zoom=cfg.max_zoom),
         val=TensorBatches(val_x, val_y, cfg.eval_batch_size, shuffle=False),
         test=TensorBatches(test_x, test_y, cfg.eval_batch_size, shuffle=False),
         num_train=len(train_y), num_val=len(val_y), num_test=len(test_y),
@@ -328,9 +337,11 @@ def _classic_splits(cfg: DataConfig, train_idx: Tensor, val_idx: Tensor, device:
 
     plain = transforms.Compose([transforms.ToTensor(), transforms.Normalize((cfg.mean,), (cfg.std,))])
     augmented = plain
-    if cfg.max_shift or cfg.max_rotation:
+    if cfg.max_shift or cfg.max_rotation or cfg.max_zoom:
+        zoom = (1 - cfg.max_zoom, 1 + cfg.max_zoom) if cfg.max_zoom else None
         augmented = transforms.Compose([
-            transforms.RandomAffine(degrees=cfg.max_rotation, translate=(cfg.max_shift / 28, cfg.max_shift / 28)),
+            transforms.RandomAffine(degrees=cfg.max_rotation, translate=(cfg.max_shift / 28, cfg.max_shift / 28),
+                                    scale=zoom),
             plain])
     train_set = _torchvision_mnist(cfg.root, train=True, download=cfg.download, transform=augmented)
     val_set = _torchvision_mnist(cfg.root, train=True, download=cfg.download, transform=plain)

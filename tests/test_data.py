@@ -93,6 +93,23 @@ def test_augmentation_keeps_shape_and_moves_pixels():
     assert abs(out.sum() - x.sum()) / x.sum() < 0.2  # moved, not erased
 
 
+def test_zoom_scales_the_digit_and_without_it_the_random_stream_is_unchanged():
+    x = torch.zeros(64, 1, 28, 28)
+    x[:, :, 10:18, 10:18] = 1.0  # an 8x8 square: its inked area is 64 pixels
+    zoomed = data.augment(x, 0, 0.0, torch.Generator().manual_seed(0), max_zoom=0.3)
+    areas = (zoomed > 0.5).flatten(1).sum(1).float()
+    assert areas.min() < 55 and areas.max() > 75  # some shrunk, some grew: scales in [0.7, 1.3]
+    assert ((areas > 0.49 * 64) & (areas < 1.69 * 64 + 16)).all()
+    plain = data.augment(x, 2, 10.0, torch.Generator().manual_seed(0))
+    again = data.augment(x, 2, 10.0, torch.Generator().manual_seed(0), max_zoom=0.0)
+    assert torch.equal(plain, again)
+
+
+def test_bad_zoom_names_the_key():
+    with pytest.raises(ConfigError, match=r"data.max_zoom=1.5 must be in \[0, 1\)"):
+        data.DataConfig("data", max_zoom=1.5)
+
+
 def test_missing_data_offline_says_where_and_how_to_fix(tmp_path):
     with pytest.raises(DataError) as err:
         load_mnist(str(tmp_path / "empty"), download=False)
