@@ -115,59 +115,67 @@ def test_a_sweep_through_slurm_runs_each_trial_as_a_job_prunes_and_nests_its_run
 
 @needs_slurm
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", ["scancel", "time limit"])
-def test_a_cancelled_job_fails_its_trial_whose_parameters_run_once_more(tmp_path, mnist_root, slurm, stop):
-    """scancel of a trial's job mid-training, or its time limit: the trial FAIL with the reason, its MLflow run
-    KILLED, its parameters queued again and run as a new job; the study ends with its budget and nothing RUNNING."""
+def test_a_cancelled_job_and_one_out_of_time_fail_their_trials_whose_parameters_run_once_more(tmp_path, mnist_root,
+                                                                                             slurm):
+    """Two trials' jobs side by side, stopped mid-training from outside: one by scancel, one by its time limit.
+    Each trial FAIL with its reason, its MLflow run KILLED, its parameters queued again and run as a new job; the
+    study ends with its budget and nothing RUNNING. (One sweep for both ways: each costs a job's life.)"""
     args = sweep_args(tmp_path, mnist_root, *launcher_args(slurm), *SPACE, "trainer.epochs=50",
-                      "hydra.sweeper.n_trials=1", "hydra/sweeper/pruner=none")
+                      "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra/sweeper/pruner=none")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MNIST_ROOT": str(tmp_path / "no-such-data")}
     proc = subprocess.Popen([sys.executable, "-m", "mnist_sweep", *args], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120
-        while not trial_0_trains(tmp_path):  # its job runs and has reported an epoch: the trial is mid-training
-            assert proc.poll() is None and time.time() < deadline, "the trial never started training"
+        while not trials_train(tmp_path, 2):  # both jobs run and have reported an epoch: mid-training
+            assert proc.poll() is None and time.time() < deadline, "the trials never started training"
             time.sleep(0.5)
-        (job,) = subprocess.run(["squeue", "-h", f"--name={slurm}", "-o", "%i"], capture_output=True, text=True,
-                                check=True).stdout.split()
-        # stopped first (SIGSTOP to its processes; the job stays RUNNING) at its first epoch. scancel resumes it
+        cancelled_job, timed_out_job = subprocess.run(["squeue", "-h", f"--name={slurm}", "-o", "%i"],
+                                                      capture_output=True, text=True, check=True).stdout.split()
+        # stopped first (SIGSTOP to its processes; the job stays RUNNING) at its first epochs. scancel resumes it
         # with SIGCONT and SIGTERM, which submitit ignores, and SIGKILL ends it about 5 s later here: 50 epochs
         # (about 12 s here) leave it mid-training
-        subprocess.run(["scancel", "--signal=STOP", job], check=True)
-        if stop == "scancel":
-            subprocess.run(["scancel", job], check=True)
-        else:  # the limit moved to now: slurmctld's next time-limit check (every 30 s) ends the job as TIMEOUT
-            subprocess.run(["scontrol", "update", f"JobId={job}", "EndTime=now"], check=True)
+        for job in (cancelled_job, timed_out_job):
+            subprocess.run(["scancel", "--signal=STOP", job], check=True)
+        subprocess.run(["scancel", cancelled_job], check=True)
+        # the limit moved to now: slurmctld's next time-limit check (every 30 s) ends the job as TIMEOUT
+        subprocess.run(["scontrol", "update", f"JobId={timed_out_job}", "EndTime=now"], check=True)
         output, _ = proc.communicate(timeout=240)
     finally:
         proc.kill()
         proc.wait()
     assert proc.returncode == 0, output[-3000:]
-    assert "its parameters run again once" in output
+    assert output.count("its parameters run again once") == 2, output[-3000:]
     study = load(tmp_path)
-    cancelled, retry = study.trials
-    assert cancelled.state == TrialState.FAIL
-    state = "CANCELLED" if stop == "scancel" else "TIMEOUT"
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    retries = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert [t.number for t in failed] == [0, 1] and len(retries) == 2, [(t.number, t.state) for t in study.trials]
+    reasons = " | ".join(t.user_attrs["fail_reason"] for t in failed)
+    assert re.search(rf"JobInterrupted: SLURM job {re.escape(cancelled_job)} ended CANCELLED", reasons), reasons
     # at its time limit SLURM signals the job first, and submitit's handler inside it says so
-    said = "ended CANCELLED" if stop == "scancel" else "(ended TIMEOUT|reached its time limit)"
-    assert re.search(rf"JobInterrupted: SLURM job {re.escape(job)} {said}", cancelled.user_attrs["fail_reason"])
-    assert len(cancelled.intermediate_values) < 50  # it was stopped mid-training
-    assert retry.state == TrialState.COMPLETE and retry.params == cancelled.params
-    assert retry.system_attrs.get("failed_trial") == 0 and len(sweep.counted_trials(study)) == 1
+    assert re.search(rf"JobInterrupted: SLURM job {re.escape(timed_out_job)} (ended TIMEOUT|reached its time limit)",
+                     reasons), reasons
+    assert all(len(t.intermediate_values) < 50 for t in failed)  # stopped mid-training
+    assert sorted(t.system_attrs.get("failed_trial") for t in retries) == [0, 1]
+    assert all(r.params == study.trials[r.system_attrs["failed_trial"]].params for r in retries)
+    assert len(sweep.counted_trials(study)) == 2
     parent, children = runs_by_trial(tmp_path)
-    assert children[0].info.status == "KILLED" and children[0].data.tags["trial_state"] == "FAIL"
-    assert children[1].info.status == "FINISHED" and parent.info.status == "FINISHED"
-    jobs = sacct(slurm, 2)
-    assert jobs.pop(job, "").startswith(state) and list(jobs.values()) == ["COMPLETED"], jobs
+    assert all(children[t.number].info.status == "KILLED" and children[t.number].data.tags["trial_state"] == "FAIL"
+               for t in failed)
+    assert all(children[t.number].info.status == "FINISHED" for t in retries) and parent.info.status == "FINISHED"
+    jobs = sacct(slurm, 4)
+    assert jobs.pop(cancelled_job, "").startswith("CANCELLED"), jobs
+    assert jobs.pop(timed_out_job, "").startswith("TIMEOUT"), jobs
+    assert list(jobs.values()) == ["COMPLETED"] * 2, jobs
 
 
-def trial_0_trains(tmp_path) -> bool:
+def trials_train(tmp_path, n: int) -> bool:
+    """The first n trials of the study run and have each reported an epoch."""
     try:
-        trial = load(tmp_path).trials[0]
+        trials = load(tmp_path).trials[:n]
     except Exception:  # no study yet, or the database is being written
         return False
-    return trial.state == TrialState.RUNNING and bool(trial.intermediate_values)
+    return len(trials) == n and all(t.state == TrialState.RUNNING and t.intermediate_values for t in trials)
 
 
 @needs_slurm
