@@ -25,8 +25,6 @@ from .redact import has_literal_password, mask_secrets
 from .run import train_and_record
 
 log = logging.getLogger("mnist_sweep")
-# outputs/configs (where sweeps write <study>_best experiments) is on Hydra's search path before it exists
-warnings.filterwarnings("ignore", message=r".*path=outputs/configs is not available")
 # Hydra builds our own callback and sweeper from _target_ without a whitelist; they are this package's code
 warnings.filterwarnings("ignore", message=r".*resolved _target_='mnist_sweep\.")
 

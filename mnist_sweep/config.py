@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,9 @@ SOURCE = source_tree()
 # A checkout reads its own conf/, so edits apply at once even when another copy is installed; an installed wheel
 # reads the copy it ships as the package mnist_sweep.conf.
 CONFIG_PATH = str(SOURCE / "conf") if SOURCE else "pkg://mnist_sweep.conf"
+# outputs/configs (where sweeps write <study>_best experiments) is on Hydra's search path before it exists: every
+# composition (the CLI, the bench, replay) would warn about it until the first sweep writes there
+warnings.filterwarnings("ignore", message=r".*path=outputs/configs is not available")
 TRUSTED_TARGETS = ("torch.optim.*",)  # what the optimizer's and scheduler's _target_ may name (pruners: study.py)
 
 
