@@ -31,7 +31,9 @@ def objective(cfg):
     value = (cfg.x - 1) ** 2 + cfg.y ** 2 + cfg.get("w", 0)
     trial = current_trial()  # a no-op outside a sweep
     for step in range(1, cfg.steps + 1):  # a learning curve that ends at `value`: a bad trial is bad early
-        trial.report(value + 1.0 / step, step)
+        # the last step is recorded, never pruned: the work is done (without `last`, a trial whose first steps
+        # came before any other trial had finished would be pruned at its end, as the timing of the jobs falls)
+        trial.report(value + 1.0 / step, step, last=step == cfg.steps)
     if cfg.log_mlflow:
         import mlflow
 
