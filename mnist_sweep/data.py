@@ -70,6 +70,11 @@ class DataConfig:
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
 
+    @property
+    def background(self) -> float:
+        """The normalized value of a black pixel: what a test-time shift uncovers."""
+        return (0.0 - self.mean) / self.std
+
 
 @dataclass(frozen=True)
 class MnistArrays:

@@ -340,7 +340,7 @@ def evaluate(p: Prepared, batches: Iterable) -> tuple[dict[str, float], Tensor, 
     for x, y in batches:
         x, y = _to_device(x, y, p.device, tcfg.channels_last)
         if tcfg.tta_shifts:
-            log_probs = tta_log_probs(model, x, tcfg.tta_shifts, _background(p.spec.data), tcfg.precision, p.device)
+            log_probs = tta_log_probs(model, x, tcfg.tta_shifts, p.spec.data.background, tcfg.precision, p.device)
             loss_sum += F.nll_loss(log_probs, y, reduction="sum")
             preds.append(log_probs.argmax(1))
         else:
@@ -371,11 +371,6 @@ def tta_log_probs(model: nn.Module, x: Tensor, pixels: int, background: float, p
             logits = model(shift(x, dy, dx, background) if dy or dx else x)
         views.append(F.log_softmax(logits.float(), dim=1))
     return torch.logsumexp(torch.stack(views), dim=0) - math.log(len(views))
-
-
-def _background(cfg: DataConfig) -> float:
-    """The normalized value of a black pixel: what a shift uncovers."""
-    return (0.0 - cfg.mean) / cfg.std
 
 
 EpochCallback = Callable[[int, dict[str, float]], bool | None]  # True: stop after this epoch

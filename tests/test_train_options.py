@@ -8,11 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from hydra import compose, initialize_config_dir
 
-from conftest import REPO
 from mnist_sweep import data, train
-from mnist_sweep.config import build_spec
+from mnist_sweep.config import compose_spec
 from mnist_sweep.data import DataConfig, shift
 from mnist_sweep.errors import ConfigError
 from mnist_sweep.model import ModelConfig, build_model
@@ -181,16 +179,11 @@ def test_all_three_options_train_together(mnist_root):
     assert 0.5 < test["acc"] <= 1.0 and len(pred) == len(label) == 300
 
 
-def build(*overrides):
-    with initialize_config_dir(config_dir=str(REPO / "conf")):
-        return build_spec(compose("config", overrides=["data.root=/x", *overrides]))
-
-
 def test_the_options_are_off_by_default_in_the_yaml_and_the_dataclass():
-    trainer = build().trainer
+    trainer = compose_spec([]).trainer
     for key in ("label_smoothing", "ema_decay", "tta_shifts"):
         assert getattr(trainer, key) == getattr(TrainerConfig(), key) == 0, key
-    on = build("trainer.label_smoothing=0.1", "trainer.ema_decay=0.999", "trainer.tta_shifts=2").trainer
+    on = compose_spec(["trainer.label_smoothing=0.1", "trainer.ema_decay=0.999", "trainer.tta_shifts=2"]).trainer
     assert (on.label_smoothing, on.ema_decay, on.tta_shifts) == (0.1, 0.999, 2)
 
 
@@ -208,4 +201,4 @@ BAD_VALUES = [
 @pytest.mark.parametrize("override, message", BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
 def test_bad_option_values_fail_with_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
-        build(override)
+        compose_spec([override])
