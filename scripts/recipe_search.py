@@ -29,15 +29,32 @@ sys.path.insert(0, str(REPO))  # this checkout's mnist_sweep, not an installed o
 # name -> (model, data, trainer, lr, weight decay); epochs are set so that one seed fits 12 min on the 2-core CPU
 # (epoch seconds measured there at batch 128: accuracy net 19.6, deep 16/32 21.6, deep3 37.5, deep 24/48 47.3,
 # deep 32/64 66.7)
+ACC32 = dict(conv1_channels=32, conv2_channels=64, fc_width=256, conv_dropout=0.25, dropout=0.5, batch_norm=True,
+             pool_each_conv=True)
+DEEP3 = dict(blocks=[[32], [64], [128]], conv_dropout=0.3, dropout=0.4, fc_width=128, batch_norm=True)
 ARCHES = {
-    "acc32": (dict(conv1_channels=32, conv2_channels=64, fc_width=256, conv_dropout=0.25, dropout=0.5,
-                   batch_norm=True, pool_each_conv=True), 30),
+    "acc32": (ACC32, 30),
+    "acc32x40": (ACC32, 40),  # 40 epochs: ~12 min of the 2-core CPU with the elastic distortion's 3% more
     "deep16": (dict(blocks=[[16, 16], [32, 32]], conv_dropout=0.4, dropout=0.4, fc_width=128, batch_norm=True), 30),
-    "deep3": (dict(blocks=[[32], [64], [128]], conv_dropout=0.3, dropout=0.4, fc_width=128, batch_norm=True), 18),
+    "deep3": (DEEP3, 18),
+    # the CPU search (2026-11-27, epoch seconds measured at 2 threads: acc net 16.3, 48/96 21.8, deep3 26.3): as
+    # many epochs as fit ~13.5 min
+    "acc48x36": ({**ACC32, "conv1_channels": 48, "conv2_channels": 96}, 36),
+    "deep3x30": (DEEP3, 30),
+    # less dropout: with elastic distortions the accuracy net fell behind (a sign it underfits), so test whether
+    # the augmentation alone regularizes it enough
+    "acc32d10": ({**ACC32, "conv_dropout": 0.1, "dropout": 0.3}, 30),
+    "acc32d0": ({**ACC32, "conv_dropout": 0.0, "dropout": 0.25}, 30),
     "deep24": (dict(blocks=[[24, 24], [48, 48]], conv_dropout=0.4, dropout=0.4, fc_width=128, batch_norm=True), 14),
     "deep32": (dict(blocks=[[32, 32], [64, 64]], conv_dropout=0.4, dropout=0.4, fc_width=128, batch_norm=True), 10),
 }
-AUGS = {"s2r10": dict(max_shift=2, max_rotation=10.0), "s2r10z1": dict(max_shift=2, max_rotation=10.0, max_zoom=0.1)}
+AUGS = {
+    "s2r10": dict(max_shift=2, max_rotation=10.0),
+    "s2r10z1": dict(max_shift=2, max_rotation=10.0, max_zoom=0.1),
+    # elastic distortions at Simard et al. (2003)'s alpha 34 / sigma 4 px and Ciresan et al. (2010)'s 36 / 6 px
+    "s2r10z1e34s4": dict(max_shift=2, max_rotation=10.0, max_zoom=0.1, elastic_alpha=34.0, elastic_sigma=4.0),
+    "s2r10z1e36s6": dict(max_shift=2, max_rotation=10.0, max_zoom=0.1, elastic_alpha=36.0, elastic_sigma=6.0),
+}
 SMOOTHING = (0.0, 0.1)
 
 
@@ -123,6 +140,9 @@ def main() -> None:
         return
     import concurrent.futures as cf
     import multiprocessing as mp
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     jobs = [dict(candidate=c, seed=s) for s in args.seeds for c in candidates()
             if not args.only or c["name"] in args.only]
@@ -130,25 +150,30 @@ def main() -> None:
         job["candidate"] = {**job["candidate"], "epochs": args.epochs}
     start = time.monotonic()
     with cf.ProcessPoolExecutor(args.procs, mp_context=mp.get_context("spawn")) as pool, args.out.open("a") as out:
-        pending = set()
-        queue = list(jobs)
-        while queue or pending:
-            while queue and len(pending) < args.procs and time.monotonic() - start < args.deadline:
-                pending.add(pool.submit(run_one, queue.pop(0), args.root, args.device))
-            if not pending:
-                break
-            done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-            for f in done:
-                try:
-                    r = f.result()
-                except Exception as e:  # one bad candidate must not lose the others
-                    print(f"failed: {e!r}", flush=True)
-                    continue
-                out.write(json.dumps(r) + "\n")
-                out.flush()
-                print(f"{time.monotonic() - start:6.0f}s {r['name']} seed {r['seed']}: "
-                      + " ".join(f"{k} {100 * v:.2f}" for k, v in r["val"].items()) + f" ({r['seconds']:.0f} s)",
-                      flush=True)
+        try:
+            pending = set()
+            queue = list(jobs)
+            while queue or pending:
+                while queue and len(pending) < args.procs and time.monotonic() - start < args.deadline:
+                    pending.add(pool.submit(run_one, queue.pop(0), args.root, args.device))
+                if not pending:
+                    break
+                done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for f in done:
+                    try:
+                        r = f.result()
+                    except Exception as e:  # one bad candidate must not lose the others
+                        print(f"failed: {e!r}", flush=True)
+                        continue
+                    out.write(json.dumps(r) + "\n")
+                    out.flush()
+                    print(f"{time.monotonic() - start:6.0f}s {r['name']} seed {r['seed']}: "
+                          + " ".join(f"{k} {100 * v:.2f}" for k, v in r["val"].items()) + f" ({r['seconds']:.0f} s)",
+                          flush=True)
+        except BaseException:  # Ctrl-C or a kill: the runs in flight must not go on training unseen
+            for child in mp.active_children():
+                child.terminate()
+            raise
         print(f"{len(queue)} runs not started (deadline)", flush=True)
     summary(args.out)
 

@@ -105,6 +105,52 @@ def test_zoom_scales_the_digit_and_without_it_the_random_stream_is_unchanged():
     assert torch.equal(plain, again)
 
 
+def test_elastic_blur_is_torchvisions_gaussian_blur():
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    noise = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for sigma in (4.0, 6.0):
+        blur = data.gaussian_blur_matrix(28, sigma, torch.device("cpu"))
+        taps = int(8 * sigma + 1) | 1  # odd, as torchvision's ElasticTransform makes it
+        theirs = gaussian_blur(noise, [taps, taps], [sigma, sigma])[:, 0]
+        torch.testing.assert_close(blur @ noise[:, 0] @ blur.T, theirs, atol=1e-5, rtol=0)
+
+
+def test_elastic_distortion_bends_each_digit_its_own_way_and_off_draws_nothing():
+    field = data.elastic_displacement(256, 28, 34.0, 4.0, torch.Generator().manual_seed(0)) * 28 / 2  # in pixels
+    assert field.shape == (256, 28, 28, 2)
+    assert 1.2 < field.std() < 2.2  # Simard's alpha 34, sigma 4: a displacement of about 1.7 px rms
+    smooth = (field[:, 1:] - field[:, :-1]).std()  # neighbours move together: a smooth field, not pixel noise
+    assert smooth < 0.25 * field.std()
+    x = torch.zeros(2, 1, 28, 28)
+    x[:, :, 6:22, 12:16] = 1.0  # the same bar twice
+    bent = data.augment(x, 0, 0.0, torch.Generator().manual_seed(1), elastic_alpha=34.0)
+    assert not torch.allclose(bent[0], x[0]) and not torch.allclose(bent[0], bent[1])
+    assert abs(bent.sum() - x.sum()) / x.sum() < 0.2  # bent, not erased
+    plain = data.augment(x, 2, 10.0, torch.Generator().manual_seed(0), max_zoom=0.1)
+    again = data.augment(x, 2, 10.0, torch.Generator().manual_seed(0), max_zoom=0.1, elastic_alpha=0.0)
+    assert torch.equal(plain, again)
+
+
+def test_the_classic_loader_distorts_too(mnist_root):
+    cfg = DataConfig(root=str(mnist_root), download=False, val_size=100, batch_size=50, loader="classic")
+    plain = build_splits(cfg, torch.device("cpu"), seed=0)
+    bent = build_splits(DataConfig(**{**cfg.__dict__, "elastic_alpha": 34.0}), torch.device("cpu"), seed=0)
+    (xp, yp), (xb, yb) = next(iter(plain.train)), next(iter(bent.train))
+    assert torch.equal(yp, yb) and xb.shape == xp.shape and not torch.allclose(xb, xp)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("elastic_alpha", -1.0,
+     r"^data\.elastic_alpha=-1\.0 must be >= 0: the distortion's strength in pixels \(0 = off\)$"),
+    ("elastic_sigma", 0.0, r"^data\.elastic_sigma=0\.0 must be in \(0, 7\): the smoothing in pixels"),
+    ("elastic_sigma", 7.0, r"^data\.elastic_sigma=7\.0 must be in \(0, 7\)"),
+])
+def test_bad_elastic_values_name_the_key(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        data.DataConfig("data", **{key: value})
+
+
 def test_bad_zoom_names_the_key():
     with pytest.raises(ConfigError, match=r"data.max_zoom=1.5 must be in \[0, 1\)"):
         data.DataConfig("data", max_zoom=1.5)
