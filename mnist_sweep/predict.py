@@ -20,7 +20,9 @@ import torch
 
 from . import registry, tracking
 from .errors import UserError, one_line
+from .data import background
 from .model import IMAGE_SIZE
+from .train import class_probs
 
 DIGIT_BOX = 20  # MNIST scales each digit's bounding box into 20x20 before centring it in 28x28
 INK = 0.2  # after contrast stretching, fainter pixels count as background (paper texture, sensor noise)
@@ -103,11 +105,12 @@ def load_digit(path: Path) -> np.ndarray:
         raise UserError(f"{path}: {e}") from None
 
 
-def classify(model: torch.nn.Module, digits: Sequence[np.ndarray], mean: float, std: float) -> torch.Tensor:
-    """Class probabilities (N, 10) of 28x28 digits in [0, 1], normalized as the model was trained."""
+def classify(model: torch.nn.Module, digits: Sequence[np.ndarray], mean: float, std: float,
+             tta_shifts: int = 0) -> torch.Tensor:
+    """Class probabilities (N, 10) of 28x28 digits in [0, 1], normalized and (with tta_shifts) shifted as the model
+    was validated."""
     x = (torch.from_numpy(np.stack(digits)).unsqueeze(1) - mean) / std
-    with torch.no_grad():
-        return model(x).softmax(1)
+    return class_probs(model, x, tta_shifts, background(mean, std))
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,7 @@ class LoadedModel:
     net: torch.nn.Module
     mean: float  # the input normalization the net was trained with
     std: float
+    tta_shifts: int  # test-time shifts in pixels the run was validated with (0: none), applied here the same way
     source: str  # what was loaded, as shown to the user: models:/<name>/<version>, or the run it came from
 
 
@@ -146,7 +150,8 @@ def _run_model(client, run_id: str, source: str) -> LoadedModel:
     from mlflow.exceptions import MlflowException
 
     try:
-        return LoadedModel(tracking.load_model(client, run_id), *tracking.normalization(client, run_id), source)
+        return LoadedModel(tracking.load_model(client, run_id), *tracking.normalization(client, run_id),
+                           tracking.tta_shifts(client, run_id), source)
     except (MlflowException, OSError, KeyError) as e:
         raise UserError(f"MLflow run {run_id!r} has no loadable model ({one_line(e)})") from None
 
@@ -174,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    probs = classify(loaded.net, digits, loaded.mean, loaded.std)
+    probs = classify(loaded.net, digits, loaded.mean, loaded.std, loaded.tta_shifts)
     table = Table(title=f"model: {loaded.source}", title_justify="left")
     for name in ["image", "digit", *map(str, range(10))]:
         table.add_column(name, justify="left" if name == "image" else "right")

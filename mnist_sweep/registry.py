@@ -18,7 +18,9 @@ from .model import IMAGE_SIZE, NUM_CLASSES
 log = logging.getLogger("mnist_sweep")
 LOGGED_MODEL_NAME = "model"  # the name of the MLflow Logged Model a registration creates from a run
 REGISTERED_MODEL_DESCRIPTION = ("The best trial of an mnist_sweep study: logits of the 10 digits for (N, 1, 28, 28) "
-                                "images normalized with the metadata's input_mean and input_std")
+                                "images normalized with the metadata's input_mean and input_std; with tta_shifts > 0 "
+                                "in the metadata the run scored each image as the mean of the class probabilities "
+                                "of it and of it shifted by that many pixels up, down, left and right")
 
 
 
@@ -39,7 +41,9 @@ def register_model(client, run_id: str, name: str):
 
     Signature: input float32 (N, 1, 28, 28) images normalized as in training, (pixel/255 - mean) / std, with the
     run's data.mean and data.std (also in the model's metadata); output float32 (N, 10) logits, whose softmax is
-    the class probabilities. A run registered before keeps its version (a resumed sweep does not add one).
+    the class probabilities. The metadata's tta_shifts is the run's trainer.tta_shifts: predict and the report
+    average over those shifts as the run did. A run registered before keeps its version (a resumed sweep does not
+    add one).
     """
     import mlflow.pytorch
     import numpy as np
@@ -69,15 +73,16 @@ def register_model(client, run_id: str, name: str):
                                         await_registration_for=0, signature=signature, input_example=blank.numpy(),
                                         serialization_format="pt2",
                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                                        metadata={"input_mean": mean, "input_std": std, "output": "logits"},
+                                        metadata={"input_mean": mean, "input_std": std, "output": "logits",
+                                                  "tta_shifts": tracking.tta_shifts(client, run_id)},
                                         step=_last_step(client, run_id, "test/acc"))
     client.update_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
     return client.get_model_version(name, str(info.registered_model_version))
 
 
-def load_registered_model(client, name: str, version: str) -> tuple[torch.nn.Module, float, float]:
-    """(net, input mean, input std) of the registered model version models:/<name>/<version>: the logged MLflow
-    model itself, not the weights of its run. Raises UserError when it cannot be loaded."""
+def load_registered_model(client, name: str, version: str) -> tuple[torch.nn.Module, float, float, int]:
+    """(net, input mean, input std, test-time shifts) of the registered model version models:/<name>/<version>: the
+    logged MLflow model itself, not the weights of its run. Raises UserError when it cannot be loaded."""
     import mlflow.artifacts
     import mlflow.pytorch
     from mlflow.models import Model
@@ -91,10 +96,11 @@ def load_registered_model(client, name: str, version: str) -> tuple[torch.nn.Mod
             meta = Model.load(local).metadata or {}
             net = mlflow.pytorch.load_model(local)
             mean, std = float(meta["input_mean"]), float(meta["input_std"])
+            shifts = int(meta.get("tta_shifts", 0))  # versions registered before the option have none
         except Exception as e:  # missing version or files, a truncated file, no metadata: all the same to a user
             raise UserError(f"models:/{name}/{version} (tracking URI {client.tracking_uri}) could not be loaded: "
                             f"{one_line(e)}; register it again (run the sweep) or pass --run-id") from None
-    return net, mean, std
+    return net, mean, std, shifts
 
 
 def _last_step(client, run_id: str, metric: str) -> int:

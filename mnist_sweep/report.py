@@ -22,10 +22,10 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from . import results, study as studies, tracking
-from .data import default_root, load_mnist, normalize
+from .data import background, default_root, load_mnist, normalize
 from .errors import ConfigError, UserError, one_line
 from .locks import sqlite_file
-from .train import confusion_matrix
+from .train import class_probs, confusion_matrix
 
 STATE_ORDER = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1, TrialState.RUNNING: 2, TrialState.FAIL: 3,
                TrialState.WAITING: 4}
@@ -123,12 +123,6 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
         return None
     maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
     return sorted(best, key=lambda t: t.values[0], reverse=maximize)[0]
-
-
-def predict_batches(model: torch.nn.Module, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
-    """Class probabilities (N, 10) of normalized images (N, 1, 28, 28)."""
-    with torch.no_grad():
-        return torch.cat([model(images[i:i + batch]).softmax(1) for i in range(0, len(images), batch)])
 
 
 def model_figures(probs: torch.Tensor, labels: torch.Tensor, images: torch.Tensor,
@@ -260,12 +254,15 @@ def evaluate_run_model(client, run_id: str, data_root: str) -> tuple[dict[str, f
     try:
         model = tracking.load_model(client, run_id)
         mean, std = tracking.normalization(client, run_id)
+        shifts = tracking.tta_shifts(client, run_id)
     except (MlflowException, OSError, KeyError) as e:
         raise UserError(f"the best trial's model (MLflow run {run_id}) could not be loaded from "
                         f"{client.tracking_uri}: {one_line(e)}; "
                         "pass --no-model to report without it") from None
     arrays = load_mnist(data_root, download=False)
-    probs = predict_batches(model, normalize(arrays.test_images, mean, std, torch.device("cpu")))
+    # scored as the run tested: with its test-time shifts, the report's test/acc is the run's own
+    probs = class_probs(model, normalize(arrays.test_images, mean, std, torch.device("cpu")), shifts,
+                        background(mean, std))
     scores, figures = model_figures(probs, arrays.test_labels, arrays.test_images)
     return scores | {"test/n": float(len(probs))}, figures
 

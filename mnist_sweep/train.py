@@ -373,6 +373,20 @@ def tta_log_probs(model: nn.Module, x: Tensor, pixels: int, background: float, p
     return torch.logsumexp(torch.stack(views), dim=0) - math.log(len(views))
 
 
+def class_probs(model: nn.Module, x: Tensor, tta_shifts: int, background: float, batch: int = 1000) -> Tensor:
+    """Class probabilities (N, 10) of normalized images (N, 1, 28, 28) on the CPU in fp32, scored as evaluate
+    scores them: with tta_shifts, the mean over the image and its 4 shifts, as the run validated and tested. The
+    model comes in eval mode (a registered torch.export model cannot be switched)."""
+    cpu = torch.device("cpu")
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            chunk = x[i:i + batch]
+            out.append(tta_log_probs(model, chunk, tta_shifts, background, "fp32", cpu).exp() if tta_shifts
+                       else model(chunk).softmax(1))
+    return torch.cat(out)
+
+
 EpochCallback = Callable[[int, dict[str, float]], bool | None]  # True: stop after this epoch
 
 

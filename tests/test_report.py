@@ -175,7 +175,7 @@ def test_the_registered_best_model_loads_with_mlflow_and_predicts_like_the_net(r
     batch = torch.randn(7, 1, 28, 28)
     torch.testing.assert_close(loaded(batch), net(batch))
     pyfunc = mlflow.pyfunc.load_model("models:/mnist_sweep_best/1")
-    assert pyfunc.metadata.metadata == {"input_mean": 0.1307, "input_std": 0.3081, "output": "logits"}
+    assert pyfunc.metadata.metadata == {"input_mean": 0.1307, "input_std": 0.3081, "output": "logits", "tta_shifts": 0}
     assert pyfunc.predict(batch.numpy()).shape == (7, 10)
     # a re-registration of the same run (a resumed sweep) keeps the version
     assert str(registry.register_model(client, version.run_id, "mnist_sweep_best").version) == "1"

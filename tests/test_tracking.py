@@ -122,7 +122,7 @@ ROUND_TRIP = {"classic": ModelConfig(conv1_channels=4, conv2_channels=8, fc_widt
               "deep": ModelConfig(blocks=[[8, 8], [16]], batch_norm=True, fc_width=16)}
 
 
-def logged_net(client, name: str):
+def logged_net(client, name: str, tta_shifts: int | None = None):
     """(net, run id) of a net whose weights are logged to a finished run, as a training run logs them."""
     import torch
 
@@ -131,6 +131,8 @@ def logged_net(client, name: str):
     net = build_model(cfg).eval()
     with RunRecorder(client, "round trip") as rec:
         rec.log_params({"data.mean": 0.1307, "data.std": 0.3081})  # what predict and the registry normalize with
+        if tta_shifts is not None:
+            rec.log_params({tracking.TTA_SHIFTS_PARAM: tta_shifts})
         rec.log_model_weights(net, cfg)
     return net, rec.run_id
 
@@ -161,10 +163,36 @@ def test_the_registry_registers_and_loads_a_net_of_either_kind(store, name):
     client, _ = store
     net, run_id = logged_net(client, name)
     version = registry.register_model(client, run_id, f"round_trip_{name}")
-    registered, mean, std = registry.load_registered_model(client, f"round_trip_{name}", version.version)
+    registered, mean, std, shifts = registry.load_registered_model(client, f"round_trip_{name}", version.version)
+    assert (mean, std, shifts) == (0.1307, 0.3081, 0)  # a run without test-time shifts
     batch = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(registered(batch), net(batch))
+
+
+def test_a_run_tested_with_shifts_is_predicted_with_them_from_the_run_and_the_registry(store):
+    """A run that validated and tested with trainer.tta_shifts scores predict's images (and the report's test set)
+    the same way, whether loaded from its run or from its registered model."""
+    import numpy as np
+    import torch
+
+    from mnist_sweep import predict, registry
+    from mnist_sweep.data import background, shift
+
+    client, _ = store
+    net, run_id = logged_net(client, "classic", tta_shifts=2)
+    loaded = predict.load_model(client, run_id, None, "sqlite:///unused")
+    version = registry.register_model(client, run_id, "shifted")
+    assert loaded.tta_shifts == registry.load_registered_model(client, "shifted", version.version)[3] == 2
+    digits = list(np.random.default_rng(0).random((3, 28, 28), dtype=np.float32))
+    probs = predict.classify(loaded.net, digits, loaded.mean, loaded.std, loaded.tta_shifts)
+    x = (torch.from_numpy(np.stack(digits)).unsqueeze(1) - 0.1307) / 0.3081
+    views = [x] + [shift(x, dy, dx, background(0.1307, 0.3081)) for dy, dx in ((-2, 0), (2, 0), (0, -2), (0, 2))]
+    with torch.no_grad():
+        by_hand = torch.stack([net(v).softmax(1) for v in views]).mean(0)
+        plain = net(x).softmax(1)
+    torch.testing.assert_close(probs, by_hand)
+    assert not torch.allclose(probs, plain)
 
 
 def test_a_dataset_logged_by_two_runs_at_once_is_linked_to_both(store, mnist_root):
