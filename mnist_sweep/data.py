@@ -10,6 +10,7 @@ Two loader modes serve the same split:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import socket
@@ -305,6 +306,7 @@ def elastic_displacement(n: int, size: int, alpha: float, sigma: float, generato
     return (field * alpha * 2 / size).view(n, 2, size, size).permute(0, 2, 3, 1)
 
 
+@functools.lru_cache(maxsize=8)  # one per (size, sigma, device): not rebuilt for every training batch
 def gaussian_blur_matrix(size: int, sigma: float, device: torch.device) -> Tensor:
     """The (size, size) matrix that blurs a vector as torchvision's gaussian_blur does: a normalized Gaussian of
     8 sigma + 1 taps, reflect padding."""

@@ -150,8 +150,7 @@ def _run_model(client, run_id: str, source: str) -> LoadedModel:
     from mlflow.exceptions import MlflowException
 
     try:
-        return LoadedModel(tracking.load_model(client, run_id), *tracking.normalization(client, run_id),
-                           tracking.tta_shifts(client, run_id), source)
+        return LoadedModel(tracking.load_model(client, run_id), *tracking.input_settings(client, run_id), source)
     except (MlflowException, OSError, KeyError) as e:
         raise UserError(f"MLflow run {run_id!r} has no loadable model ({one_line(e)})") from None
 

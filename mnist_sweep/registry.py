@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 
 from . import tracking
+from .data import background
 from .errors import UserError, one_line
 from .model import IMAGE_SIZE, NUM_CLASSES
 
@@ -53,7 +54,7 @@ def register_model(client, run_id: str, name: str):
     for version in client.search_model_versions(f"name = '{name}'"):
         if version.run_id == run_id:
             return version
-    mean, std = tracking.normalization(client, run_id)
+    mean, std, shifts = tracking.input_settings(client, run_id)
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, IMAGE_SIZE, IMAGE_SIZE))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]))
@@ -61,7 +62,7 @@ def register_model(client, run_id: str, name: str):
     # pt2: torch.export's traced graph loads without our code and without unpickling; the example's batch of 2
     # keeps the batch dimension dynamic. Explicit requirements: MLflow would otherwise infer them by loading the
     # model in a subprocess (slow).
-    blank = torch.full((2, 1, IMAGE_SIZE, IMAGE_SIZE), -mean / std)
+    blank = torch.full((2, 1, IMAGE_SIZE, IMAGE_SIZE), background(mean, std))
     # Made here, not by log_model, which would put it in the process's active experiment (Default), not the run's
     run = client.get_run(run_id)
     logged = client.create_logged_model(run.info.experiment_id, name=LOGGED_MODEL_NAME, source_run_id=run_id,
@@ -74,7 +75,7 @@ def register_model(client, run_id: str, name: str):
                                         serialization_format="pt2",
                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
                                         metadata={"input_mean": mean, "input_std": std, "output": "logits",
-                                                  "tta_shifts": tracking.tta_shifts(client, run_id)},
+                                                  "tta_shifts": shifts},
                                         step=_last_step(client, run_id, "test/acc"))
     client.update_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
     return client.get_model_version(name, str(info.registered_model_version))

@@ -253,8 +253,7 @@ def evaluate_run_model(client, run_id: str, data_root: str) -> tuple[dict[str, f
 
     try:
         model = tracking.load_model(client, run_id)
-        mean, std = tracking.normalization(client, run_id)
-        shifts = tracking.tta_shifts(client, run_id)
+        mean, std, shifts = tracking.input_settings(client, run_id)
     except (MlflowException, OSError, KeyError) as e:
         raise UserError(f"the best trial's model (MLflow run {run_id}) could not be loaded from "
                         f"{client.tracking_uri}: {one_line(e)}; "

@@ -304,15 +304,11 @@ def load_model(client, run_id: str) -> torch.nn.Module:
 TTA_SHIFTS_PARAM = "trainer.tta_shifts"  # the logged config key: predict and report score a run's images as it did
 
 
-def normalization(client, run_id: str) -> tuple[float, float]:
-    """The (mean, std) a run's net was trained with: its inputs must be normalized the same way."""
+def input_settings(client, run_id: str) -> tuple[float, float, int]:
+    """(mean, std, test-time shifts) of a run: its net's inputs must be normalized the same way, and scored over the
+    same shifts as it was validated and tested (0: none; runs from before the option have none)."""
     params = client.get_run(run_id).data.params
-    return float(params["data.mean"]), float(params["data.std"])
-
-
-def tta_shifts(client, run_id: str) -> int:
-    """The test-time shifts a run was validated and tested with (0: none; runs from before the option have none)."""
-    return int(client.get_run(run_id).data.params.get(TTA_SHIFTS_PARAM, 0))
+    return float(params["data.mean"]), float(params["data.std"]), int(params.get(TTA_SHIFTS_PARAM, 0))
 
 
 PROGRESS_BAR_VAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # MLflow's switch for its per-transfer progress bars

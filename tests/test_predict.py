@@ -129,7 +129,7 @@ def test_predict_cli_classifies_images_with_the_registered_model(recorded_study,
     client = tracking.make_client(uri)
     run_id = registry.latest_model_version(client, "mnist_sweep_best").run_id
     probs = classify(tracking.load_model(client, run_id), [to_mnist(read_gray(p)) for p in paths],
-                     *tracking.normalization(client, run_id))
+                     *tracking.input_settings(client, run_id))
     for path, p in zip(paths, probs):
         line = next(line for line in result.stdout.splitlines() if path.name in line)
         cells = [c.strip() for c in line.split("│") if c.strip()]
