@@ -20,9 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import tracking
 from .config import CONFIG_PATH, build_recording, build_spec
-from .errors import Terminated, UserError
+from .errors import ConfigError, Terminated, UserError
 from .redact import has_literal_password, mask_secrets
 from .run import train_and_record
+from .train import RunSpec
 
 log = logging.getLogger("mnist_sweep")
 # Hydra builds our own callback and sweeper from _target_ without a whitelist; they are this package's code
@@ -67,18 +68,28 @@ def _check_writable(folder: str, key: str) -> None:
         raise SystemExit(2) from None
 
 
-def run_config(cfg: DictConfig, env: Mapping[str, str]) -> list[float]:
+def run_config(cfg: DictConfig, env: Mapping[str, str], sweeping: bool = False) -> list[float]:
     """Check the config, then train and record one run (a sweep's trial when `env` says so)."""
     spec, recording = build_spec(cfg), build_recording(cfg)
+    check_sweepable(spec, sweeping)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     values, _ = train_and_record(spec, recording, tracking.flatten(resolved), OmegaConf.to_yaml(resolved), env)
     return values
 
 
+def check_sweepable(spec: RunSpec, sweeping: bool) -> None:
+    """A sweep that optimizes val/* must validate on unseen images: refuse data.train_on_val there."""
+    seen = [m for m in spec.optimized_metric if m.startswith("val/")]
+    if sweeping and spec.data.train_on_val and seen:
+        raise ConfigError(f"data.train_on_val=true in a sweep that optimizes {', '.join(seen)}: the validation "
+                          "images would be trained on, so the sweep would pick the settings that memorize them; "
+                          "sweep with data.train_on_val=false, then refit the best settings with it")
+
+
 @hydra.main(config_path=CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> float | list[float]:
     try:
-        values = run_config(cfg, os.environ)
+        values = run_config(cfg, os.environ, sweeping=HydraConfig.get().mode == RunMode.MULTIRUN)
     except UserError as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise

@@ -42,6 +42,9 @@ class DataConfig:
     download: bool = True  # let torchvision fetch missing files
     val_size: int = 5000  # images held out of the 60k training set for validation
     split_seed: int = 0  # fixes which images are held out, independent of the training seed
+    # also train on the held-out images: the final fit of settings already chosen on validation (val/* then
+    # score images the model was trained on, so a sweep must not optimize them)
+    train_on_val: bool = False
     batch_size: int = 64  # training batch
     eval_batch_size: int = 1000  # validation/test batch
     mean: float = 0.1307  # normalization, on pixel values in [0, 1]
@@ -345,6 +348,8 @@ def build_splits(cfg: DataConfig, device: torch.device, seed: int) -> Splits:
     """Load (or reuse) MNIST and build the three batch iterables for `cfg.loader`."""
     arrays = load_mnist(cfg.root, cfg.download)
     train_idx, val_idx = split_indices(len(arrays.train_labels), cfg.val_size, cfg.split_seed)
+    if cfg.train_on_val:
+        train_idx = torch.arange(len(arrays.train_labels))
     if cfg.loader == "memory":
         return _memory_splits(cfg, arrays, train_idx, val_idx, device, seed)
     return _classic_splits(cfg, train_idx, val_idx, device, seed)
@@ -370,7 +375,7 @@ _TENSOR_CACHE: dict[tuple, tuple] = {}
 
 def _device_tensors(cfg: DataConfig, arrays: MnistArrays, train_idx: Tensor, val_idx: Tensor,
                     device: torch.device) -> tuple:
-    key = (id(arrays), cfg.val_size, cfg.split_seed, cfg.mean, cfg.std, str(device))
+    key = (id(arrays), cfg.val_size, cfg.split_seed, cfg.train_on_val, cfg.mean, cfg.std, str(device))
     if key not in _TENSOR_CACHE:
         _TENSOR_CACHE.clear()
         images = normalize(arrays.train_images, cfg.mean, cfg.std, device)

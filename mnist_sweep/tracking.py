@@ -352,7 +352,8 @@ def log_dataset(client, run_id: str, cfg: DataConfig, splits: Splits) -> None:
     # the split is part of what a run saw: one digest per (files, split), so the stored profile fits every run
     # that logs it (MLflow keeps one dataset per name and digest in an experiment)
     content = data_digest(load_mnist(cfg.root, cfg.download))
-    digest = hashlib.sha256(f"{content} val_size={cfg.val_size} split_seed={cfg.split_seed}".encode())
+    split = f"val_size={cfg.val_size} split_seed={cfg.split_seed}" + (" train_on_val" if cfg.train_on_val else "")
+    digest = hashlib.sha256(f"{content} {split}".encode())
     schema = {"mlflow_tensorspec": {
         "features": Schema([TensorSpec(np.dtype(np.uint8), (-1, IMAGE_SIZE, IMAGE_SIZE), "images")]).to_json(),
         "targets": Schema([TensorSpec(np.dtype(np.int64), (-1,), "labels")]).to_json()}}

@@ -173,6 +173,9 @@ def prepare(spec: RunSpec) -> Prepared:
     """Everything that can fail on bad input or missing data, done before any training or tracking starts."""
     device = resolve_device(spec.trainer.device)
     warnings = [w for w in [check_precision(spec.trainer.precision, device)] if w]
+    if spec.data.train_on_val:
+        warnings.append("data.train_on_val=true: the validation images are trained on too, so val/* score images "
+                        "the model has seen; test/* still score unseen ones")
     if spec.trainer.threads:
         torch.set_num_threads(spec.trainer.threads)
     if torch.are_deterministic_algorithms_enabled() != spec.trainer.deterministic:  # the call costs seconds

@@ -47,9 +47,14 @@ ARCHES = {
     "acc32d0": ({**ACC32, "conv_dropout": 0.0, "dropout": 0.25}, 30),
     # the chosen dropout with more capacity (48/96 channels, ~11 min at 30 epochs)
     "acc48d0": ({**ACC32, "conv1_channels": 48, "conv2_channels": 96, "conv_dropout": 0.0, "dropout": 0.25}, 30),
+    # 2026-11-27 #5: depth with the chosen dropout (3 conv blocks, ~13 min at 30 epochs), and the chosen recipe
+    # at batch 64 (twice the steps, noisier gradients)
+    "deep3d0": ({**DEEP3, "conv_dropout": 0.0, "dropout": 0.25}, 30),
+    "acc32d0b64": ({**ACC32, "conv_dropout": 0.0, "dropout": 0.25}, 30),
     "deep24": (dict(blocks=[[24, 24], [48, 48]], conv_dropout=0.4, dropout=0.4, fc_width=128, batch_norm=True), 14),
     "deep32": (dict(blocks=[[32, 32], [64, 64]], conv_dropout=0.4, dropout=0.4, fc_width=128, batch_norm=True), 10),
 }
+BATCH_SIZES = {"acc32d0b64": 64}  # training images per step where not 128
 AUGS = {
     "s2r10": dict(max_shift=2, max_rotation=10.0),
     "s2r10z1": dict(max_shift=2, max_rotation=10.0, max_zoom=0.1),
@@ -66,6 +71,7 @@ def candidates() -> list[dict]:
         for aug_name, aug in AUGS.items():
             for arch, (model, epochs) in ARCHES.items():
                 out.append(dict(name=f"{arch}-{aug_name}-ls{smoothing:g}", model=model, data=aug, epochs=epochs,
+                                batch_size=BATCH_SIZES.get(arch, 128),
                                 label_smoothing=smoothing, lr=0.003, weight_decay=0.05, ema_decay=0.999))
     return out
 
@@ -91,7 +97,7 @@ def run_one(job: dict, root: str, device: str) -> dict:
     c, seed = job["candidate"], job["seed"]
     spec = RunSpec(
         model=ModelConfig(**c["model"]),
-        data=DataConfig(root, download=False, batch_size=128, **c["data"]),
+        data=DataConfig(root, download=False, batch_size=c["batch_size"], **c["data"]),
         trainer=TrainerConfig(epochs=c["epochs"], device=device, seed=seed, channels_last=True,
                               label_smoothing=c["label_smoothing"], ema_decay=c["ema_decay"]),
         make_optimizer=functools.partial(torch.optim.AdamW, lr=c["lr"], weight_decay=c["weight_decay"]),

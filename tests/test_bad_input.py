@@ -11,7 +11,7 @@ from hydra.errors import HydraException
 
 from conftest import FAST, REPO, mlflow_runs
 from mnist_sweep.__main__ import run_config
-from mnist_sweep.errors import DivergedError, UserError
+from mnist_sweep.errors import ConfigError, DivergedError, UserError
 
 BAD_INPUTS = [
     ("model.conv1_channels=0", "model.conv1_channels=0 must be >= 1"),
@@ -71,6 +71,13 @@ def test_bad_input_is_refused_before_mlflow_starts(tmp_path, mnist_root, overrid
         run_config(cfg, {})
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "mlflow.db").exists()  # refused before the MLflow store was even opened
+
+
+def test_training_on_the_validation_images_is_refused_in_a_sweep_that_optimizes_them(tmp_path, mnist_root):
+    cfg = compose_cli(tmp_path, mnist_root, "data.train_on_val=true")
+    with pytest.raises(ConfigError, match=r"data\.train_on_val=true in a sweep that optimizes val/acc: .*refit"):
+        run_config(cfg, {}, sweeping=True)
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_a_diverging_run_is_recorded_failed_with_its_reason(tmp_path, mnist_root):

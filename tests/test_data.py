@@ -78,6 +78,19 @@ def test_memory_and_classic_loaders_serve_the_same_split(mnist_root):
         assert torch.equal(ya, yb)
 
 
+@pytest.mark.parametrize("loader", ["memory", "classic"])
+def test_train_on_val_trains_on_every_training_image_and_still_validates(mnist_root, loader):
+    cfg = DataConfig(root=str(mnist_root), download=False, val_size=100, batch_size=50, loader=loader)
+    held_out = build_splits(cfg, torch.device("cpu"), seed=0)
+    refit = build_splits(DataConfig(**{**cfg.__dict__, "train_on_val": True}), torch.device("cpu"), seed=0)
+    assert (refit.num_train, refit.num_val, refit.num_test) == (1200, 100, 300)
+    assert sum(len(y) for _, y in refit.train) == 1200
+    xv, _ = map(torch.cat, zip(*refit.val))
+    torch.testing.assert_close(xv, torch.cat([x for x, _ in held_out.val]))  # the same held-out images
+    # and the split cached for the first config is not served to the second, nor back
+    assert build_splits(cfg, torch.device("cpu"), seed=0).num_train == 1100
+
+
 def test_dataset_is_loaded_once_per_process(mnist_root, monkeypatch):
     first = load_mnist(str(mnist_root), False)
     monkeypatch.setattr(data, "_torchvision_mnist", lambda *a, **k: pytest.fail("loaded twice"))
