@@ -88,15 +88,16 @@ def check_sweepable(spec: RunSpec, sweeping: bool) -> None:
 
 @hydra.main(config_path=CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> float | list[float]:
+    sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        values = run_config(cfg, os.environ, sweeping=HydraConfig.get().mode == RunMode.MULTIRUN)
+        values = run_config(cfg, os.environ, sweeping)
     except UserError as e:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if sweeping:
             raise
         print(f"error: {mask_secrets(str(e))}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt as e:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if sweeping:
             raise
         terminated = isinstance(e, Terminated)
         print(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}: the MLflow run is marked KILLED",
