@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import socket
@@ -48,6 +49,10 @@ STORAGE_ENV = "OPTUNA_SWEEP_STORAGE"  # Optuna storage URL of the study
 STUDY_ENV = "OPTUNA_SWEEP_STUDY"  # study name
 TRIAL_ENV = "OPTUNA_SWEEP_TRIAL"  # trial number within the study
 PRUNER_ENV = "OPTUNA_SWEEP_PRUNER"  # the pruner as JSON: {"_target_": "optuna.pruners.MedianPruner", ...}
+DEADLINE_ENV = "OPTUNA_SWEEP_DEADLINE"  # hydra.sweeper.timeout as a Unix time: a job's report past it stops the job
+# study user attrs, one per invocation (sweeper process) that ran trials: [start, last seen] in Unix seconds; their
+# union is the time the study has spent, which a resumed hydra.sweeper.timeout goes on from
+TIME_SPENT_ATTR_PREFIX = "sweep_time:"
 # set in the environment of the sweep's local worker processes only (hydra.sweeper.local_workers): JSON of
 # local_workers.LocalWorker, {"study": name, "n_trials": budget of this invocation, "report_fd": pipe}
 LOCAL_WORKER_ENV = "OPTUNA_SWEEP_LOCAL_WORKER"
@@ -283,6 +288,52 @@ def reseeded(sampler_seed: int | None, used: int) -> int | None:
     return None if sampler_seed is None else sampler_seed + used
 
 
+# -- the time budget (hydra.sweeper.timeout) ---------------------------------------------------------------------
+
+def union_seconds(intervals: Sequence[tuple[float, float]]) -> float:
+    """Seconds covered by the intervals: workers that ran at the same time count their shared time once."""
+    total, end = 0.0, -math.inf
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def time_spent(user_attrs: Mapping[str, Any]) -> float:
+    """Seconds the study's invocations have run, from their TIME_SPENT_ATTR_PREFIX attrs."""
+    return union_seconds([tuple(v) for k, v in user_attrs.items() if k.startswith(TIME_SPENT_ATTR_PREFIX)])
+
+
+@dataclass(frozen=True)
+class SweepClock:
+    """One sweeper invocation's share of hydra.sweeper.timeout: when it started, and when it must stop starting
+    trials (None: no timeout)."""
+
+    invocation: str  # host:pid:start of the process that records this invocation's time in the study
+    started: float  # Unix seconds
+    deadline: float | None  # Unix seconds
+
+    @classmethod
+    def start(cls, timeout: float | None, spent_before: float, now: float | None = None) -> "SweepClock":
+        """What is left of the study's timeout (`spent_before` seconds of it used by earlier invocations)."""
+        now = time.time() if now is None else now
+        invocation = f"{socket.gethostname()}:{os.getpid()}:{now:.0f}"
+        return cls(invocation, now, None if timeout is None else now + timeout - spent_before)
+
+    def past(self, now: float | None = None) -> bool:
+        return past(self.deadline, now)
+
+    def record(self, study: optuna.Study) -> None:
+        """Note in the study that this invocation has run until now; called as it goes, so a killed one counts."""
+        if self.deadline is not None:
+            study.set_user_attr(TIME_SPENT_ATTR_PREFIX + self.invocation, [self.started, time.time()])
+
+
+def past(deadline: float | None, now: float | None = None) -> bool:
+    return deadline is not None and (time.time() if now is None else now) >= deadline
+
+
 @dataclass(frozen=True)
 class TrialRef:
     """What a trial's job needs to find its trial; crosses processes as environment variables."""
@@ -291,6 +342,7 @@ class TrialRef:
     study: str
     number: int
     pruner: str = "{}"  # JSON of the pruner's _target_ and arguments; {} never prunes
+    deadline: float | None = None  # Unix time at which the sweep's time budget ends; None: no timeout
 
     def job_env(self) -> dict[str, str]:
         """The per-trial part, set in the job's environment by the launcher (no secret in it)."""
@@ -298,14 +350,20 @@ class TrialRef:
 
     def sweep_env(self) -> dict[str, str]:
         """The part shared by every trial of the sweep, set in the sweeper's own environment (the storage URL)."""
-        return {STORAGE_ENV: self.storage, PRUNER_ENV: self.pruner}
+        return {STORAGE_ENV: self.storage, PRUNER_ENV: self.pruner,
+                DEADLINE_ENV: "" if self.deadline is None else repr(self.deadline)}
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "TrialRef | None":
         """The trial this process runs, or None outside a sweep."""
         if not env.get(TRIAL_ENV) or not env.get(STORAGE_ENV):
             return None
-        return cls(env[STORAGE_ENV], env[STUDY_ENV], int(env[TRIAL_ENV]), env.get(PRUNER_ENV) or "{}")
+        return cls(env[STORAGE_ENV], env[STUDY_ENV], int(env[TRIAL_ENV]), env.get(PRUNER_ENV) or "{}",
+                   deadline_from_env(env))
+
+
+def deadline_from_env(env: Mapping[str, str]) -> float | None:
+    return float(env[DEADLINE_ENV]) if env.get(DEADLINE_ENV) else None
 
 
 def build_pruner(spec: str) -> optuna.pruners.BasePruner:
@@ -333,6 +391,7 @@ class TrialReport:
         self.trial = optuna.trial.Trial(study, trial_id(storage, ref.study, ref.number))
         self.number = ref.number
         self.study = ref.study
+        self.deadline = ref.deadline
         self.multi_objective = len(study.directions) > 1
 
     def report(self, value: float, step: int, last: bool = False) -> None:
@@ -341,10 +400,13 @@ class TrialReport:
         away as PRUNED."""
         if self.multi_objective:
             self.trial.set_user_attr(f"step_{step}", value)
-            return
-        self.trial.report(value, step=step)
-        if not last and self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {step}: value {value:.4g}")
+        else:
+            self.trial.report(value, step=step)
+            if not last and self.trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step}: value {value:.4g}")
+        if not last and past(self.deadline):
+            raise optuna.TrialPruned(f"stopped at step {step} (value {value:.4g}): the sweep's time budget "
+                                     "(hydra.sweeper.timeout) ran out")
 
     def set_user_attr(self, key: str, value: Any) -> None:
         self.trial.set_user_attr(key, value)

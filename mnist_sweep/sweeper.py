@@ -63,6 +63,8 @@ SAMPLER_TARGETS = ("optuna.samplers.*", "hydra_plugins.hydra_optuna_sweeper.*")
 SIGNIFICANT_DIGITS = 4  # floats in the trial lines printed to the user
 SLURM_LAUNCHER = "mnist_sweep.slurm.SlurmLauncher"  # hydra/launcher=slurm's _target_
 RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED", TrialState.FAIL: "FAILED"}
+UNLIMITED = 2**31 - 1  # n_trials when only hydra.sweeper.timeout ends the sweep
+MIN_TRIALS_FOR_RATE = 4  # with no n_trials, max_failure_rate is judged once this many trials have run
 
 
 # -- the plugin's settings: hydra/sweeper=optuna_pruning, with hydra/sweeper/pruner options -------------------------
@@ -82,7 +84,10 @@ class OptunaPruningSweeperConf:
     direction: Any = "minimize"  # minimize | maximize | a list of them
     storage: Any = None  # null: a SQLite file in the sweep folder, new each invocation
     study_name: Optional[str] = None  # null: derived from space_name and the space, else Optuna's random name
-    n_trials: Any = 20  # trials of this invocation (of the whole study with total_budget)
+    n_trials: Any = 20  # trials of this invocation (of the whole study with total_budget); null: only timeout ends it
+    # seconds of sweeping (of the whole study with total_budget, resumed where it stopped); at the deadline no trial
+    # starts and running ones stop at their next report (PRUNED, with the reason); null: no time limit
+    timeout: Any = None
     n_jobs: Any = 2  # trials launched together (with local_workers: trials running at once)
     max_failure_rate: Any = 0.0  # stop once more than this share of n_trials has failed
     params: Optional[dict[str, Any]] = None  # the search space: {key: sweep expression}
@@ -132,7 +137,8 @@ register_configs()
 class Settings:
     """The checked settings of one sweep."""
 
-    n_trials: int
+    n_trials: int | None  # None: the timeout alone ends the sweep
+    timeout: float | None  # seconds
     n_jobs: int
     max_failure_rate: float
     heartbeat_interval: int | None
@@ -142,14 +148,15 @@ class Settings:
 
 class OptunaPruningSweeper(Sweeper):
     def __init__(self, sampler: DictConfig, pruner: Any = None, direction: Any = "minimize", storage: Any = None,
-                 study_name: str | None = None, n_trials: Any = 20, n_jobs: Any = 2, max_failure_rate: Any = 0.0,
+                 study_name: str | None = None, n_trials: Any = 20, timeout: Any = None, n_jobs: Any = 2,
+                 max_failure_rate: Any = 0.0,
                  params: DictConfig | None = None, custom_search_space: str | None = None,
                  total_budget: bool = False, space_name: str | None = None, heartbeat_interval: Any = None,
                  grace_period: Any = None, metric_names: Any = None, mlflow: Any = None,
                  local_workers: bool = False, best_config_dir: str | None = None, best_config_exclude: Any = (),
                  on_best: Any = None) -> None:
         # Checked in sweep(), where a bad value is one error line; raised here it would be Hydra's traceback
-        self.raw = dict(n_trials=n_trials, n_jobs=n_jobs, max_failure_rate=max_failure_rate,
+        self.raw = dict(n_trials=n_trials, timeout=timeout, n_jobs=n_jobs, max_failure_rate=max_failure_rate,
                         heartbeat_interval=heartbeat_interval, grace_period=grace_period, direction=direction)
         self.sampler_cfg = sampler
         self.pruner_spec = json.dumps(OmegaConf.to_container(pruner, resolve=True) if pruner else {})
@@ -168,6 +175,7 @@ class OptunaPruningSweeper(Sweeper):
         self.on_best = on_best
         self.client = None
         self.job_idx = 0
+        self.clock = studies.SweepClock("", 0.0, None)  # set when a sweep starts (hydra.sweeper.timeout)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -214,11 +222,16 @@ class OptunaPruningSweeper(Sweeper):
         storage, study, grid_size = self._open(url, name, settings, distributions)
         if self.metric_names:
             study.set_metric_names(self.metric_names)
-        n_trials = settings.n_trials if self.total_budget else studies.budget_used(study) + settings.n_trials
+        if settings.n_trials is None:
+            n_trials = UNLIMITED
+        else:
+            n_trials = settings.n_trials if self.total_budget else studies.budget_used(study) + settings.n_trials
         n_trials = min(n_trials, grid_size) if grid_size else n_trials
-        if self.total_budget and self._budget_spent(study, n_trials):
+        spent = studies.time_spent(study.user_attrs) if self.total_budget else 0.0
+        self.clock = studies.SweepClock.start(settings.timeout, spent)
+        if self.total_budget and self._budget_spent(study, n_trials, settings.timeout, spent):
             return
-        ref = studies.TrialRef(url, study.study_name, -1, self.pruner_spec)
+        ref = studies.TrialRef(url, study.study_name, -1, self.pruner_spec, self.clock.deadline)
         os.environ.update(ref.sweep_env())  # the jobs' way to the study: inherited, never saved (see study.py)
         if self.client is not None:  # for a plain mlflow.start_run() in the job, with MLFLOW_RUN_ID per trial
             os.environ["MLFLOW_TRACKING_URI"] = self.mlflow["tracking_uri"]
@@ -227,8 +240,10 @@ class OptunaPruningSweeper(Sweeper):
             os.environ.setdefault("MLFLOW_RUN_ID", "")
         share_cores(type(self.launcher).__name__, settings.n_jobs)
         with self._parent_run(study, storage, distributions, settings.directions) as parent_id:
-            log.info(f"study {study.study_name!r} in {mask_secrets(url)}: {studies.budget_used(study)}/{n_trials} "
-                     f"trials used; sampler {type(study.sampler).__name__}, pruner "
+            time_left = "" if settings.timeout is None else \
+                f", {max(0.0, settings.timeout - spent):.0f}/{settings.timeout:g} s of hydra.sweeper.timeout left"
+            log.info(f"study {study.study_name!r} in {mask_secrets(url)}: {studies.budget_used(study)}/"
+                     f"{budget_text(n_trials)} trials used{time_left}; sampler {type(study.sampler).__name__}, pruner "
                      f"{json.loads(self.pruner_spec).get('_target_') or 'none'}, directions {settings.directions}")
             self._close_orphan_runs(study, parent_id)
             n_workers = min(settings.n_jobs, max(1, n_trials - studies.budget_used(study)))
@@ -238,6 +253,7 @@ class OptunaPruningSweeper(Sweeper):
                 else:
                     self._run_trials(study, storage, settings, distributions, fixed_args, parent_id, n_trials)
             finally:
+                self.clock.record(study)
                 self._summarize(study, parent_id)
 
     def _open(self, url: str, name: str | None, settings: Settings, distributions: dict
@@ -296,12 +312,15 @@ class OptunaPruningSweeper(Sweeper):
                      f"{threads} OpenMP thread(s) each; each takes the next trial as soon as its own ends")
             failed = workers.wait()
             lines = workers.failure_lines()
+        if failed is None and self.clock.past():
+            log.info("time budget spent (hydra.sweeper.timeout): no new trial started after it, running ones "
+                     "stopped at their next epoch")
         if failed is not None:
             raise local_workers.WorkerFailed(failed.returncode, lines[0] if lines else (
                 f"local worker {failed.pid} ended with {local_workers.signal_name(failed.returncode)}; the other "
                 "workers were stopped (their trials are FAIL and run again on resume)"))
         used = studies.budget_used(study)
-        if used < n_trials or studies.running_count(study):
+        if (used < n_trials and not self.clock.past()) or studies.running_count(study):
             raise local_workers.WorkerFailed(1, f"error: every local worker was killed before the study's budget was "
                                                 f"spent ({used}/{n_trials} trials); run the same command again to "
                                                 "resume")
@@ -311,6 +330,8 @@ class OptunaPruningSweeper(Sweeper):
         (the storage URL); this claims and runs one trial at a time until the budget is spent and no trial runs,
         and leaves the summary and the best config to the main process."""
         storage, study, _ = self._open(os.environ[studies.STORAGE_ENV], self.worker.study, settings, distributions)
+        # the main process keeps the study's time; a worker only keeps to its deadline
+        self.clock = studies.SweepClock("", time.time(), studies.deadline_from_env(os.environ))
         parent_id = study.user_attrs.get(studies.PARENT_RUN_ATTR) if self.client is not None else None
         self._run_trials(study, storage, replace(settings, n_jobs=1), distributions, fixed_args, parent_id,
                          self.worker.n_trials)
@@ -403,15 +424,22 @@ class OptunaPruningSweeper(Sweeper):
         quiet_launcher_logs()
         waiting_for = 0
         while True:
-            batch = studies.claim_trials(study, storage, n_trials, settings.n_jobs,
-                                         lambda s: self._reseed_if_others_claimed(s, distributions), prepare)
+            out_of_time = self.clock.past()
+            if out_of_time and not waiting_for and self.worker is None:
+                log.info(f"time budget spent (hydra.sweeper.timeout={settings.timeout:g} s): no new trial starts")
+            batch = [] if out_of_time else studies.claim_trials(
+                study, storage, n_trials, settings.n_jobs, lambda s: self._reseed_if_others_claimed(s, distributions),
+                prepare)
+            if self.worker is None:
+                self.clock.record(study)
             if not batch:
                 if not (running := studies.running_count(study)):
-                    if studies.budget_used(study) >= n_trials:
+                    if out_of_time or studies.budget_used(study) >= n_trials:
                         return
                     continue  # a dead worker's trial, re-queued since this claim counted the budget: claim it
                 if running != waiting_for:
-                    log.info(f"budget spent; waiting for {running} running trial(s) of other workers to end")
+                    log.info(f"{'time' if out_of_time else 'budget'} spent; waiting for {running} running trial(s) "
+                             f"of other workers to end" + (" at their next epoch" if out_of_time else ""))
                 waiting_for = running
                 # a local worker's sibling ends within seconds, and it ends the sweep's wall time
                 time.sleep(1 if self.worker else max(1, settings.heartbeat_interval or 1))
@@ -442,9 +470,11 @@ class OptunaPruningSweeper(Sweeper):
                 log.info(trial_end_line(study, trial.number, n_trials, self.metric_names)
                          + ("; its parameters run again once" if interrupted else ""))
             failed = studies.failed_count(study)
-            if failed > settings.max_failure_rate * n_trials:
+            # without n_trials (timeout alone) the share is of the trials so far, once there are a few
+            of = n_trials if n_trials < UNLIMITED else max(MIN_TRIALS_FOR_RATE, studies.budget_used(study))
+            if failed > settings.max_failure_rate * of:
                 raise UserError(f"{failed} trials of the study failed, more than hydra.sweeper.max_failure_rate="
-                                f"{settings.max_failure_rate} of its {n_trials} trials; see the trials' "
+                                f"{settings.max_failure_rate} of its {budget_text(of)} trials; see the trials' "
                                 f"'{studies.FAIL_REASON_ATTR}' in the study")
 
     def _tell(self, study, trial, state: TrialState, values, reason: str | None = None,
@@ -530,18 +560,24 @@ class OptunaPruningSweeper(Sweeper):
 
     # -- the end of an invocation ------------------------------------------------------------------------------
 
-    def _budget_spent(self, study: optuna.Study, n_trials: int) -> bool:
+    def _budget_spent(self, study: optuna.Study, n_trials: int, timeout: float | None, spent: float) -> bool:
         """A finished study's command says so in one line, and leaves nothing behind (no run, no folder).
         open_study has just failed the trials of dead processes, so their retries count as room."""
         used = studies.budget_used(study)
-        if used < n_trials or studies.running_count(study):
+        out_of_time = timeout is not None and spent >= timeout
+        if (used < n_trials and not out_of_time) or studies.running_count(study):
             return False
         best = results.best_trials(study)
         metric = (self.metric_names or ["value"])[0]
         found = f"; best trial #{best[0].number}: {metric}={best[0].value:.4f}" if len(best) == 1 else ""
-        log.info(f"study {study.study_name!r} has used its budget ({used}/{n_trials} trials){found}. To run more, "
-                 f"raise it: hydra.sweeper.n_trials={n_trials + max(1, n_trials // 2)} (the total, not the "
-                 "additional trials)")
+        if out_of_time:
+            log.info(f"study {study.study_name!r} has used its time budget ({spent:.0f} s of hydra.sweeper.timeout="
+                     f"{timeout:g}; {used} trials){found}. To run more, raise it: hydra.sweeper.timeout="
+                     f"{timeout + max(60, timeout // 2):g} (the total, not the additional seconds)")
+        else:
+            log.info(f"study {study.study_name!r} has used its budget ({used}/{n_trials} trials){found}. To run "
+                     f"more, raise it: hydra.sweeper.n_trials={n_trials + max(1, n_trials // 2)} (the total, not "
+                     "the additional trials)")
         try:
             Path(self.config.hydra.sweep.dir).rmdir()  # made by Hydra's output-folder check; only if empty
         except OSError:
@@ -603,10 +639,16 @@ class OptunaPruningSweeper(Sweeper):
 
 # -- small pure helpers --------------------------------------------------------------------------------------------
 
-def check_settings(n_trials: Any, n_jobs: Any, max_failure_rate: Any, heartbeat_interval: Any, grace_period: Any,
-                   direction: Any) -> Settings:
+def check_settings(n_trials: Any, timeout: Any, n_jobs: Any, max_failure_rate: Any, heartbeat_interval: Any,
+                   grace_period: Any, direction: Any) -> Settings:
     """The sweeper's own settings, checked: each bad one is one line naming it and what is allowed."""
-    for key, value, optional in (("n_trials", n_trials, False), ("n_jobs", n_jobs, False),
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not 0 < timeout < math.inf):
+        raise ConfigError(f"hydra.sweeper.timeout={timeout!r} must be a number of seconds > 0, or null (no limit)")
+    if n_trials is None and timeout is None:
+        raise ConfigError("hydra.sweeper.n_trials=null needs hydra.sweeper.timeout (seconds): with neither, the "
+                          "sweep would never end")
+    for key, value, optional in (("n_trials", n_trials, timeout is not None), ("n_jobs", n_jobs, False),
                                  ("heartbeat_interval", heartbeat_interval, True),
                                  ("grace_period", grace_period, True)):
         if value is None and optional:
@@ -623,7 +665,8 @@ def check_settings(n_trials: Any, n_jobs: Any, max_failure_rate: Any, heartbeat_
     directions = [getattr(d, "name", d).lower() for d in directions]
     if not directions or any(d not in ("minimize", "maximize") for d in directions):
         raise ConfigError(f"hydra.sweeper.direction={direction!r}: each direction must be minimize or maximize")
-    return Settings(n_trials, n_jobs, float(rate), heartbeat_interval, grace_period, directions)
+    return Settings(n_trials, None if timeout is None else float(timeout), n_jobs, float(rate), heartbeat_interval,
+                    grace_period, directions)
 
 
 def outcome(ret: JobReturn, n_objectives: int) -> tuple[TrialState, list[float] | None, str | None,
@@ -783,6 +826,11 @@ def grid_choices(name: str, d) -> list:
                       "range(...), or another sampler")
 
 
+def budget_text(n_trials: int) -> str:
+    """n_trials as a person reads it: 'no limit' when only the timeout ends the sweep."""
+    return "no limit" if n_trials >= UNLIMITED else str(n_trials)
+
+
 def trial_params_text(params: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.{SIGNIFICANT_DIGITS}g}" if isinstance(v, float) else f"{k}={v}"
                     for k, v in params.items())
@@ -795,7 +843,7 @@ def trial_end_line(study: optuna.Study, number: int, n_trials: int, metric_names
     trials = studies.counted_trials(study)
     trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
     done = sum(1 for t in trials if t.state.is_finished())
-    head = f"trial {number} ({done}/{n_trials}) {trial.state.name}"
+    head = f"trial {number} ({done}/{budget_text(n_trials)}) {trial.state.name}"
     if trial.state == TrialState.FAIL:
         return f"{head}: {trial.user_attrs.get(studies.FAIL_REASON_ATTR, 'no reason recorded')}"
     if trial.state == TrialState.PRUNED and trial.intermediate_values:

@@ -8,6 +8,7 @@ budget, and MLflow runs a plain `mlflow.start_run()` logs into."""
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -18,6 +19,8 @@ from optuna.trial import TrialState
 pytestmark = pytest.mark.slow
 
 APP = '''
+import time
+
 import hydra
 from mnist_sweep.study import current_trial
 
@@ -33,6 +36,7 @@ def objective(cfg):
     for step in range(1, cfg.steps + 1):  # a learning curve that ends at `value`: a bad trial is bad early
         # the last step is recorded, never pruned: the work is done (without `last`, a trial whose first steps
         # came before any other trial had finished would be pruned at its end, as the timing of the jobs falls)
+        time.sleep(cfg.get("sleep", 0))  # seconds of work per step
         trial.report(value + 1.0 / step, step, last=step == cfg.steps)
     if cfg.log_mlflow:
         import mlflow
@@ -197,3 +201,43 @@ def test_upstream_defaults_need_no_settings_at_all(tmp_path):
     assert summary.n_trials == 20 and summary.direction == optuna.study.StudyDirection.MINIMIZE
     best = yaml.safe_load((tmp_path / "multirun" / "optimization_results.yaml").read_text())
     assert abs(best["best_params"]["x"] - 1) < 1.5  # TPE found the bowl's bottom, x = 1, roughly
+
+
+def timeout_sweep(tmp_path, timeout, local):
+    app = make_app(tmp_path, n_trials=None, timeout=timeout, total_budget=True, n_jobs=2 if local else 1,
+                   local_workers=local, params={"x": "interval(-5.0, 5.0)", "y": "choice(0)"})
+    started = time.time()
+    result = sweep(app, "+sleep=0.25", "steps=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = trials(app)
+    assert {t.state for t in done} <= {TrialState.COMPLETE, TrialState.PRUNED}  # nothing RUNNING, nothing FAILed
+    stopped = [t for t in done if "time budget" in t.user_attrs.get("end_reason", "")]
+    assert stopped and all(len(t.intermediate_values) < 4 for t in stopped), (result.stderr[-3000:], done)
+    assert (app / "multirun" / "optimization_results.yaml").is_file()
+    return app, done, time.time() - started
+
+
+def test_a_timeout_ends_the_sweep_and_resume_continues_the_time_budget(tmp_path):
+    """hydra.sweeper.timeout alone: at the deadline no trial starts, the running ones stop at their next step
+    (PRUNED, with the reason), the results are still written; the same command then says the time is used, and a
+    larger timeout runs only the difference."""
+    from mnist_sweep.study import time_spent
+
+    app, done, took = timeout_sweep(tmp_path, 4, local=False)
+    assert any(t.state == TrialState.COMPLETE for t in done)
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{app / 'optuna.db'}")
+    assert 4 <= time_spent(study.user_attrs) <= took
+    again = sweep(app, "+sleep=0.25", "steps=4")
+    assert again.returncode == 0 and "has used its time budget" in again.stdout + again.stderr
+    assert len(trials(app)) == len(done)  # no trial started
+    more = sweep(app, "+sleep=0.25", "steps=4", "hydra.sweeper.timeout=8")
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert len(trials(app)) > len(done)
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{app / 'optuna.db'}")
+    assert 8 <= time_spent(study.user_attrs) < 8 + 5  # the 4 s it had left, and the stop of its last trial
+
+
+def test_a_timeout_stops_local_workers_cleanly(tmp_path):
+    """The deadline reaches local worker processes: they start no trial after it, stop the running ones at their
+    next step, and the sweep ends with exit 0 (its start-up counts: the workers import first)."""
+    timeout_sweep(tmp_path, 15, local=True)

@@ -37,7 +37,7 @@ def sweeper(**settings) -> OptunaPruningSweeper:
     return OptunaPruningSweeper(sampler=sampler, **settings)
 
 
-SETTINGS = dict(n_trials=3, n_jobs=1, max_failure_rate=0.5, heartbeat_interval=None, grace_period=None,
+SETTINGS = dict(n_trials=3, timeout=None, n_jobs=1, max_failure_rate=0.5, heartbeat_interval=None, grace_period=None,
                 direction="maximize")
 
 
@@ -72,6 +72,9 @@ def test_what_a_job_returns_becomes_values_or_a_reason(returned, n, expected):
     ("n_jobs", 1.5, "hydra.sweeper.n_jobs=1.5 must be an integer >= 1"),
     ("max_failure_rate", 2, "hydra.sweeper.max_failure_rate=2 must be a number in [0, 1]"),
     ("grace_period", True, "hydra.sweeper.grace_period=True must be an integer"),
+    ("timeout", 0, "hydra.sweeper.timeout=0 must be a number of seconds > 0, or null"),
+    ("timeout", "10m", "hydra.sweeper.timeout='10m' must be a number of seconds > 0"),
+    ("n_trials", None, "hydra.sweeper.n_trials=null needs hydra.sweeper.timeout"),
 ])
 def test_bad_sweeper_settings_name_the_key_and_what_is_allowed(setting, value, message):
     with pytest.raises(ConfigError, match=None) as e:
@@ -195,3 +198,37 @@ def test_a_pruner_spec_builds_only_optuna_pruners():
                       optuna.pruners.MedianPruner)
     with pytest.raises(ConfigError, match="is not allowed: use optuna.pruners"):
         sweep.build_pruner('{"_target_": "os.system"}')
+
+
+def test_a_timeout_alone_may_end_a_sweep_without_n_trials():
+    settings = check_settings(**SETTINGS | {"n_trials": None, "timeout": 90})
+    assert settings.n_trials is None and settings.timeout == 90.0
+
+
+def test_the_time_a_study_has_spent_counts_overlapping_workers_once():
+    assert sweep.union_seconds([]) == 0
+    assert sweep.union_seconds([(0, 10), (5, 12), (20, 21)]) == 13  # two workers at once, then a resume
+    assert sweep.union_seconds([(0, 10), (2, 3)]) == 10
+    attrs = {"sweep_time:a": [100.0, 160.0], "sweep_time:b": [130.0, 170.0], "mlflow_parent_run_id": "x"}
+    assert sweep.time_spent(attrs) == 70
+    clock = sweep.SweepClock.start(timeout=100, spent_before=70, now=1000.0)
+    assert clock.deadline == 1030.0 and not clock.past(1029.9) and clock.past(1030.0)
+    assert sweep.SweepClock.start(timeout=None, spent_before=70).deadline is None
+    assert not sweep.SweepClock.start(timeout=None, spent_before=0).past()
+
+
+def test_a_report_past_the_deadline_stops_the_trial_but_never_its_last_step(tmp_path):
+    import time
+
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    study = optuna.create_study(study_name="s", storage=url)
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    ref = sweep.TrialRef(url, "s", trial.number, "{}", deadline=time.time() - 1)
+    assert sweep.TrialRef.from_env({**ref.job_env(), **ref.sweep_env()}) == ref  # the deadline travels too
+    report = sweep.current_trial({**ref.job_env(), **ref.sweep_env()})
+    with pytest.raises(optuna.TrialPruned, match=r"stopped at step 2 .*time budget \(hydra.sweeper.timeout\)"):
+        report.report(0.5, step=2)
+    report.report(0.7, step=3, last=True)  # the work is done: recorded, not thrown away
+    assert study.trials[0].intermediate_values == {2: 0.5, 3: 0.7}
+    in_time = sweep.TrialRef(url, "s", trial.number, "{}", deadline=time.time() + 60)
+    sweep.current_trial({**in_time.job_env(), **in_time.sweep_env()}).report(0.8, step=4)  # no stop before it
