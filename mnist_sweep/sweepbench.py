@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .errors import UserError, one_line
+from .fidelity import rank_correlation
 
 STUDIES = {
     "ours": "the default study as shipped: python -m mnist_sweep --multirun",
@@ -354,6 +355,8 @@ class StudyRun:
     model_seconds: float
     not_training: float | None
     unpruned_share: float | None
+    # val/acc per epoch of each trial that ended by itself (complete or pruned), for the rank correlation
+    val_curves: list[list[float]] = field(default_factory=list)
 
 
 def analyse(study: str, seed: int, command: list[str], ran: Ran, budget: float, parallel: int,
@@ -367,7 +370,9 @@ def analyse(study: str, seed: int, command: list[str], ran: Ran, budget: float, 
                     wall, ran.ended - ran.started, ran.exit_code, ran.stopped_at_budget, failed, parallel, curve,
                     curve[-1][1] if curve else None, run.test_acc if run else None, best.number if best else None,
                     counts(trials, budget), trial_epochs(runs, budget), model_s,
-                    not_training_share(model_s, wall, parallel), unpruned_share(runs, budget))
+                    not_training_share(model_s, wall, parallel), unpruned_share(runs, budget),
+                    [[e.val_acc for e in r.epochs] for r in runs if r.status == "FINISHED"
+                     and r.epochs[-1].seconds <= budget])
 
 
 # -- the table and the plot ------------------------------------------------------------------------------------------
@@ -404,9 +409,28 @@ def summarize(runs: list[StudyRun], targets: Sequence[float], reference: str = R
                "trial_epochs": mean_std([r.trial_epochs for r in mine]),
                "trials": {k: mean_std([r.trials[k] for r in mine]) for k in ("complete", "pruned", "other")},
                "not_training": mean_std([r.not_training for r in mine]),
-               "unpruned_share": mean_std([r.unpruned_share for r in mine])}
+               "unpruned_share": mean_std([r.unpruned_share for r in mine]),
+               "rank_correlation": rank_correlation([c for r in mine for c in r.val_curves])}
         rows.append(row)
     return rows
+
+
+def rank_table(rows: list[dict]) -> str:
+    """Spearman's rho between each epoch's val/acc and the final one, per study, over its trials that ran to
+    the end (pooled over seeds): how far a pruner's rung at that epoch can be trusted. A pruned study's complete
+    trials are the survivors of its rungs, so its figures are biased; the unpruned studies' are the measure."""
+    rows = [r for r in rows if r["rank_correlation"]]
+    if not rows:
+        return ""
+    epochs = max(max(r["rank_correlation"]) for r in rows)
+    head = ["study", "complete trials", *(f"epoch {e}" for e in range(1, epochs + 1))]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    for r in rows:
+        rho = r["rank_correlation"]
+        n = next(iter(rho.values()))[1]
+        cells = [f"{rho[e][0]:.2f}" if e in rho and rho[e][0] is not None else "-" for e in range(1, epochs + 1)]
+        lines.append("| " + " | ".join([r["study"], str(n), *cells]) + " |")
+    return "\n".join(lines)
 
 
 def _pm(ms: tuple[float, float] | None, fmt: str, scale: float = 1.0) -> str:
@@ -602,6 +626,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
     rows = summarize(runs, args.targets)
     table = markdown_table(rows, args.targets)
+    ranked = rank_table(rows)
+    if ranked:
+        table += ("\n\nRank correlation (Spearman) of each epoch's val/acc with the trial's final val/acc, trials "
+                  f"that ran to the end:\n\n{ranked}")
     results = {"machine": header.splitlines()[0], "budget_s": args.budget, "seeds": args.sweep_seeds,
                "targets": args.targets, "quick": args.quick, "overrides": args.overrides,
                "space": asdict(space), "cores": cores, "summary": rows, "runs": [asdict(r) for r in runs]}

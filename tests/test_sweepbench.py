@@ -253,3 +253,16 @@ def test_quick_sweep_benchmark_runs_the_three_studies_end_to_end(tmp_path, mnist
     table = (out / "sweepbench.md").read_text()
     assert all(f"| {name} | 1 |" in table and f"| {name} | 1 |" in proc.stdout for name in runs)
     assert "CPU flags" in table and (out / "sweepbench.png").stat().st_size > 10_000
+
+
+def test_the_rank_correlation_pools_the_full_curves_of_a_studys_seeds():
+    a, b = study_run("upstream", 0, [(10, 0.98)]), study_run("upstream", 1, [(10, 0.99)])
+    a.val_curves = [[0.90, 0.95, 0.97], [0.91, 0.96, 0.98], [0.92, 0.90]]  # the last was pruned: left out
+    b.val_curves = [[0.93, 0.97, 0.99], [0.94, 0.94, 0.96]]
+    ours = study_run("ours", 0, [(10, 0.98)])  # no curves: no row
+    rows = sweepbench.summarize([a, b, ours], [0.99])
+    rho = rows[0]["rank_correlation"]
+    assert rho[3] == (pytest.approx(1.0), 4) and rho[1] == (pytest.approx(-0.2), 4)
+    table = sweepbench.rank_table(rows)
+    assert "| upstream | 4 | -0.20 |" in table and "ours" not in table
+    assert sweepbench.rank_table([rows[2]]) == ""
