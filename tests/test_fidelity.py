@@ -35,3 +35,13 @@ def test_a_replayed_pruner_that_judges_misleading_epochs_loses_the_best_trial():
     assert early.epochs < 1.0 and late.epochs < 1.0  # both prune
     assert early.kept_best < late.kept_best  # judging at epoch 1 throws the best away more often
     assert late.best_found > early.best_found
+
+
+def test_with_an_epoch_budget_what_pruning_saves_buys_more_trials():
+    # one good curve among poor ones that are poor from the start: pruning them pays for more draws
+    curves = [[0.90, 0.95, 0.99]] + [[0.50 - 0.01 * k, 0.60 - 0.01 * k, 0.70 - 0.01 * k] for k in range(9)]
+    never = replay(curves, optuna.pruners.NopPruner, orders=200, epoch_budget=9)
+    median = replay(curves, lambda: optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0), orders=200,
+                    epoch_budget=9)
+    assert never.epochs == 1.0 and median.epochs < 1.0
+    assert median.kept_best > never.kept_best and median.best_found > never.best_found
