@@ -1,5 +1,5 @@
-"""`python -m mnist_sweep.sweepbench`: our default study against the upstream Optuna sweeper and random search, on
-the same search space, the same data and the same wall-clock budget per study.
+"""`python -m mnist_sweep.sweepbench`: our default study against the upstream Optuna sweeper, random search, a bare
+Optuna loop and Ray Tune, on the same search space, the same data and the same wall-clock budget per study.
 
 Studies (--studies):
 - ours: `python -m mnist_sweep --multirun` as shipped (its n_trials, n_jobs, pruner), only the sampler seed set;
@@ -7,8 +7,14 @@ Studies (--studies):
   the default space's params as command-line sweeps, the same number of parallel trials and threads per trial,
   TPE with upstream's defaults, no pruning;
 - random: upstream with `hydra/sweeper/sampler=random`;
-- ours_nopruning (not run by default): ours with `hydra/sweeper/pruner=none`.
+- ours_nopruning (not run by default): ours with `hydra/sweeper/pruner=none`;
+- optuna (not run by default): ours' sampler and pruner settings in a bare Optuna loop, n_jobs worker processes on
+  one SQLite study, each trial trained by the library's calls: no Hydra, no MLflow (mnist_sweep/peer_optuna.py);
+- ray (not run by default; `pip install -e '.[bench]'`, else skipped): Ray Tune's OptunaSearch (TPE with ours'
+  settings) and ASHA with ours' successive-halving rungs, n_jobs trials at once (mnist_sweep/peer_ray.py).
 The space is read from the composed config (`hparams_search=default`), so the bench follows whatever it becomes.
+The two peers run as `python -m mnist_sweep.peers` and record each epoch in their folder's epochs.jsonl, which
+stands in for the Optuna and MLflow stores the other studies are read from (mnist_sweep/epoch_log.py).
 
 Each (study, seed) is one run of the real CLI in its own folder DIR/<study>-s<seed>/ (its own Optuna and MLflow
 SQLite files, Hydra's sweep folder and the log), one after another, stopped with SIGTERM at the budget. The
@@ -537,7 +543,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    studies = [s for s in (n.strip() for n in ",".join(args.studies).split(",")) if s]
+    # `--studies optuna ray model=small`: --studies takes every word after it, and a study's name has no '='
+    args.overrides = [*args.overrides, *(w for w in args.studies if "=" in w)]
+    studies = [s for s in (n.strip() for n in ",".join(w for w in args.studies if "=" not in w).split(",")) if s]
     unknown = [s for s in studies if s not in STUDIES]
     if unknown or not studies:
         raise UserError(f"--studies {' '.join(args.studies)}: unknown {', '.join(unknown) or 'empty list'}; "
