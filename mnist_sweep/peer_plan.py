@@ -13,6 +13,7 @@ from .sweepbench import METRIC, override_keys, space_overrides, trial_threads
 
 TPE = "optuna.samplers.TPESampler"
 ASHA, MEDIAN_STOPPING, FIFO = "ASHAScheduler", "MedianStoppingRule", "FIFOScheduler"  # Ray Tune's schedulers
+EPOCHS_ATTR = "training_iteration"  # Ray Tune's count of step() calls: a trial's epochs, the schedulers' resource
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def ray_scheduler(pruner: dict[str, Any], max_t: int) -> tuple[str, dict[str, An
     if kind in ("", "NopPruner"):
         return FIFO, {}
     if kind == "MedianPruner":
-        return MEDIAN_STOPPING, {"time_attr": "training_iteration", "grace_period": pruner.get("n_warmup_steps", 0),
+        return MEDIAN_STOPPING, {"time_attr": EPOCHS_ATTR, "grace_period": pruner.get("n_warmup_steps", 0),
                                  "min_samples_required": max(1, pruner.get("n_startup_trials", 5))}
     if kind not in ("SuccessiveHalvingPruner", "HyperbandPruner"):
         raise ConfigError(f"hydra.sweeper.pruner._target_={pruner['_target_']}: no Ray Tune scheduler is mapped "
@@ -101,5 +102,5 @@ def ray_scheduler(pruner: dict[str, Any], max_t: int) -> tuple[str, dict[str, An
     grace = 1 if min_resource == "auto" else int(min_resource)
     rate = pruner.get("min_early_stopping_rate", 0) if kind == "SuccessiveHalvingPruner" else 0
     factor = pruner.get("reduction_factor", 4 if kind == "SuccessiveHalvingPruner" else 3)
-    return ASHA, {"time_attr": "training_iteration", "max_t": max_t, "grace_period": grace * factor ** rate,
+    return ASHA, {"time_attr": EPOCHS_ATTR, "max_t": max_t, "grace_period": grace * factor ** rate,
                   "reduction_factor": factor, "brackets": 1}

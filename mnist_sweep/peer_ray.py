@@ -22,7 +22,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from .epoch_log import EPOCH_LOG, TrialRecord
 from .errors import StopSweep, one_line
-from .peer_plan import ASHA, FIFO, MEDIAN_STOPPING, PeerPlan, final_test_acc, prepare_trial, ray_scheduler, tpe_sampler
+from .peer_plan import (ASHA, EPOCHS_ATTR, FIFO, MEDIAN_STOPPING, PeerPlan, final_test_acc, prepare_trial,
+                        ray_scheduler, tpe_sampler)
 from .sweepbench import MANY_TRIALS, METRIC
 
 STOPPED = "stopped.txt"  # in the study folder: why a trial stopped the whole study (a StopSweep: no data, ...)
@@ -138,7 +139,7 @@ class RecordsPrunes:
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
-        if action == TrialScheduler.STOP and result.get("training_iteration", self._epochs) < self._epochs:
+        if action == TrialScheduler.STOP and result.get(EPOCHS_ATTR, self._epochs) < self._epochs:
             TrialRecord(self._log, trial.trial_id).end("PRUNED")
         return action
 

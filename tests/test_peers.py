@@ -2,7 +2,6 @@
 from our config, and each peer study once on tiny data through the bench (ray only where it is installed)."""
 
 import json
-import sys
 
 import pytest
 
@@ -163,3 +162,9 @@ def test_ray_study_on_tiny_data(tmp_path, mnist_root):
     assert 0 <= run["final_best"] <= 1 and 0 <= run["best_test_acc"] <= 1 and run["trial_epochs"] >= 3
     assert run["parallel"] == 2 and "| ray | 1 |" in proc.stdout
     assert "ray.init: " in (out / "ray-s0" / "sweep.log").read_text()
+
+
+def test_overrides_after_studies_are_overrides():
+    args = sweepbench.parse_args(["--studies", "optuna", "ray", "model=small", "--out", "x", "data.root=/d"])
+    sweepbench.check_args(args)
+    assert args.studies == ["optuna", "ray"] and args.overrides == ["data.root=/d", "model=small"]
