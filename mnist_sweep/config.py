@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +167,8 @@ class SweepDefaults:
     max_failure_rate: float  # hydra.sweeper.max_failure_rate
     experiment: str  # mlflow.experiment: where the runs of a sweep are
     optimized_metric: tuple[str, ...]
+    sampler: dict[str, Any] = field(default_factory=dict)  # hydra.sweeper.sampler, resolved: its _target_ and kwargs
+    pruner: dict[str, Any] = field(default_factory=dict)  # hydra.sweeper.pruner, resolved; {} when there is none
 
 
 SWEEP_EXPRESSION = re.compile(r"(choice|range|interval|tag|glob|shuffle|sort)\(.*\)", re.DOTALL)
@@ -183,6 +185,10 @@ def override_text(value: Any) -> str:
     return text
 
 
+def _plain(node: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else {}
+
+
 def compose_sweep(overrides: list[str], space: str = "default") -> SweepDefaults:
     """The search space and sweep settings that `python -m mnist_sweep --multirun hparams_search=SPACE OVERRIDES`
     would use, read from the composed config (Hydra's part included)."""
@@ -197,7 +203,8 @@ def compose_sweep(overrides: list[str], space: str = "default") -> SweepDefaults
         params = OmegaConf.to_container(sweeper.params, resolve=True) if sweeper.get("params") else {}
         settings = SweepDefaults({k: override_text(v) for k, v in params.items()}, sweeper.n_jobs,
                                  sweeper.max_failure_rate, cfg.mlflow.experiment,
-                                 tuple(metric_names(cfg.optimized_metric)))
+                                 tuple(metric_names(cfg.optimized_metric)), _plain(sweeper.get("sampler")),
+                                 _plain(sweeper.get("pruner")))
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(f"overrides {' '.join(overrides)}: {one_line(e, typed=False)}") from None
     if not settings.params:

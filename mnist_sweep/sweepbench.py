@@ -1,5 +1,5 @@
-"""`python -m mnist_sweep.sweepbench`: our default study against the upstream Optuna sweeper and random search, on
-the same search space, the same data and the same wall-clock budget per study.
+"""`python -m mnist_sweep.sweepbench`: our default study against the upstream Optuna sweeper, random search, a bare
+Optuna loop and Ray Tune, on the same search space, the same data and the same wall-clock budget per study.
 
 Studies (--studies):
 - ours: `python -m mnist_sweep --multirun` as shipped (its n_trials, n_jobs, pruner), only the sampler seed set;
@@ -7,8 +7,14 @@ Studies (--studies):
   the default space's params as command-line sweeps, the same number of parallel trials and threads per trial,
   TPE with upstream's defaults, no pruning;
 - random: upstream with `hydra/sweeper/sampler=random`;
-- ours_nopruning (not run by default): ours with `hydra/sweeper/pruner=none`.
+- ours_nopruning (not run by default): ours with `hydra/sweeper/pruner=none`;
+- optuna (not run by default): ours' sampler and pruner settings in a bare Optuna loop, n_jobs worker processes on
+  one SQLite study, each trial trained by the library's calls: no Hydra, no MLflow (mnist_sweep/peer_optuna.py);
+- ray (not run by default; `pip install -e '.[bench]'`, else skipped): Ray Tune's OptunaSearch (TPE with ours'
+  settings) and ASHA with ours' successive-halving rungs, n_jobs trials at once (mnist_sweep/peer_ray.py).
 The space is read from the composed config (`hparams_search=default`), so the bench follows whatever it becomes.
+The two peers run as `python -m mnist_sweep.peers` and record each epoch in their folder's epochs.jsonl, which
+stands in for the Optuna and MLflow stores the other studies are read from (mnist_sweep/epoch_log.py).
 
 Each (study, seed) is one run of the real CLI in its own folder DIR/<study>-s<seed>/ (its own Optuna and MLflow
 SQLite files, Hydra's sweep folder and the log), one after another, stopped with SIGTERM at the budget. The
@@ -45,7 +51,11 @@ STUDIES = {
     "upstream": "hydra/sweeper=optuna (TPE, upstream defaults) + joblib, the same space and parallel trials",
     "random": "upstream with hydra/sweeper/sampler=random",
     "ours_nopruning": "ours with hydra/sweeper/pruner=none",
+    "optuna": "a bare Optuna loop with ours' sampler and pruner, n_jobs worker processes, no Hydra or MLflow",
+    "ray": "Ray Tune: OptunaSearch (TPE as ours) and ASHA (ours' rungs), n_jobs trials at once",
 }
+PEERS = ("optuna", "ray")  # studies run by `python -m mnist_sweep.peers`, not by the CLI
+OPTIONAL = {"ray": ("ray.tune", "ray[tune] is not installed (pip install -e '.[bench]')")}  # study: (module, why)
 DEFAULT_STUDIES = ("ours", "upstream", "random")
 REFERENCE = "upstream"  # the study whose final best the others race to
 TARGETS = (0.990, 0.992, 0.993)  # val/acc whose wall time to reach is measured
@@ -72,13 +82,18 @@ def space_overrides(params: dict[str, str], fixed_by_user: set[str]) -> list[str
     return [f"{k}={v}" for k, v in params.items() if not set_by(k, fixed_by_user)]
 
 
+def trial_threads(user: Sequence[str], n_jobs: int, cores: int) -> list[str]:
+    """cores // n_jobs torch threads per trial, as ours' workers get, unless the user set trainer.threads."""
+    return [] if "trainer.threads" in override_keys(user) else [f"trainer.threads={max(1, cores // n_jobs)}"]
+
+
 def study_overrides(study: str, params: dict[str, str], n_jobs: int, max_failure_rate: float, seed: int,
                     cores: int, user: Sequence[str]) -> list[str]:
     """The overrides of one study's `python -m mnist_sweep --multirun`, before the user's and the folder's."""
     if study in ("ours", "ours_nopruning"):
         extra = ["hydra/sweeper/pruner=none", f"hydra.sweeper.n_trials={MANY_TRIALS}"] if study != "ours" else []
         return [f"hydra.sweeper.sampler.seed={seed}", *extra]
-    threads = [] if "trainer.threads" in override_keys(user) else [f"trainer.threads={max(1, cores // n_jobs)}"]
+    threads = trial_threads(user, n_jobs, cores)
     sampler = ["hydra/sweeper/sampler=random"] if study == "random" else []
     # max_failure_rate is ours: upstream's 0.0 ends its whole study at the first diverged trial (an lr at the top
     # of the space can), which would measure that rule rather than the search
@@ -155,7 +170,7 @@ def failure_line(log: Path) -> str:
     return (errors or lines or ["(no output)"])[-1][:300]
 
 
-def prepare_folder(folder: Path, mlflow_template: Path) -> None:
+def prepare_folder(folder: Path, mlflow_template: Path | None) -> None:
     """A fresh folder for one study: a folder of an earlier bench is replaced (ours would resume its study),
     anything else is refused. Its MLflow store starts as a copy of an empty one, as a user's store exists before
     the sweep: creating one takes seconds of schema migrations, which would count against the first study."""
@@ -165,7 +180,8 @@ def prepare_folder(folder: Path, mlflow_template: Path) -> None:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     (folder / MARKER).write_text("made by python -m mnist_sweep.sweepbench; replaced by its next run\n")
-    shutil.copyfile(mlflow_template, folder / "mlflow.db")
+    if mlflow_template is not None:  # the peers record no MLflow runs
+        shutil.copyfile(mlflow_template, folder / "mlflow.db")
 
 
 def empty_mlflow_store(path: Path) -> Path:
@@ -482,7 +498,8 @@ def seed_band(curves: Sequence[Sequence[tuple[float, float]]], budget: float):
     return times, mean, low, high
 
 
-COLORS = {"ours": "tab:blue", "upstream": "tab:orange", "random": "tab:green", "ours_nopruning": "tab:purple"}
+COLORS = {"ours": "tab:blue", "upstream": "tab:orange", "random": "tab:green", "ours_nopruning": "tab:purple",
+          "optuna": "tab:red", "ray": "tab:brown"}
 
 
 def plot(runs: list[StudyRun], budget: float, targets: Sequence[float], path: Path, title: str) -> None:
@@ -550,7 +567,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    studies = [s for s in (n.strip() for n in ",".join(args.studies).split(",")) if s]
+    # `--studies optuna ray model=small`: --studies takes every word after it, and a study's name has no '='
+    args.overrides = [*args.overrides, *(w for w in args.studies if "=" in w)]
+    studies = [s for s in (n.strip() for n in ",".join(w for w in args.studies if "=" not in w).split(",")) if s]
     unknown = [s for s in studies if s not in STUDIES]
     if unknown or not studies:
         raise UserError(f"--studies {' '.join(args.studies)}: unknown {', '.join(unknown) or 'empty list'}; "
@@ -565,6 +584,24 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--targets {' '.join(map(str, bad))}: a target is a val/acc in (0, 1], e.g. 0.99")
     if len(set(args.sweep_seeds)) != len(args.sweep_seeds):
         raise UserError(f"--sweep-seeds {' '.join(map(str, args.sweep_seeds))}: each seed once")
+
+
+def runnable(studies: list[str]) -> list[str]:
+    """The studies less those whose optional package is not installed, each skipped with one line."""
+    import importlib.util
+
+    def installed(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # its parent package is missing
+            return False
+
+    missing = {s: OPTIONAL[s][1] for s in studies if s in OPTIONAL and not installed(OPTIONAL[s][0])}
+    if missing and len(missing) == len(studies):
+        raise UserError(f"--studies {' '.join(studies)}: {'; '.join(f'{s}: {why}' for s, why in missing.items())}")
+    for study, why in missing.items():
+        print(f"{study}: skipped: {why}", file=sys.stderr, flush=True)
+    return [s for s in studies if s not in missing]
 
 
 def machine_line() -> str:
@@ -593,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         args.budget, args.sweep_seeds, args.grace = QUICK_BUDGET_S, args.sweep_seeds[:1], min(args.grace, 15.0)
     try:
         check_args(args)
+        args.studies = runnable(args.studies)
         space = compose_sweep(args.overrides)
         if space.optimized_metric != (METRIC,):
             raise UserError(f"optimized_metric={','.join(space.optimized_metric)}: the sweep benchmark compares "
@@ -608,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     header = (f"{machine_line()}.\nBudget {args.budget:g} s per study, sampler seeds "
               f"{' '.join(map(str, args.sweep_seeds))}, {space.n_jobs} parallel trial(s) "
-              f"(upstream and random: {max(1, cores // space.n_jobs)} thread(s) each).")
+              f"(upstream, random and the peers: {max(1, cores // space.n_jobs)} thread(s) each).")
     print(header, file=sys.stderr, flush=True)
     env = child_env()
     out.mkdir(parents=True, exist_ok=True)
@@ -669,24 +707,41 @@ def kept_run(folder: Path, budget: float, cmd: list[str]) -> Ran | None:
     return Ran(**saved["ran"])
 
 
+def study_command(study: str, seed: int, folder: Path, space, cores: int, args: argparse.Namespace) -> list[str]:
+    if study in PEERS:
+        return [sys.executable, "-m", "mnist_sweep.peers", study, "--folder", str(folder), "--seed", str(seed),
+                "--budget", f"{args.budget:g}", "--", *args.overrides]
+    overrides = [*study_overrides(study, space.params, space.n_jobs, space.max_failure_rate, seed, cores,
+                                  args.overrides), *args.overrides, *place_overrides(study, folder, f"{study}-s{seed}")]
+    return [sys.executable, "-m", "mnist_sweep", "--multirun", *overrides]
+
+
+def read_study(study: str, folder: Path, name: str, experiment: str, started: float) -> tuple[list[Trial], list[Run]]:
+    """A CLI study's trials from its Optuna storage and its epochs from its MLflow store; a peer's from its epoch
+    log, which stands in for both."""
+    if study in PEERS:
+        from .epoch_log import EPOCH_LOG, read_epoch_log
+
+        return read_epoch_log(folder / EPOCH_LOG, started)
+    return (read_trials(f"sqlite:///{folder / 'optuna.db'}", name, started),
+            read_runs(folder / "mlflow.db", experiment, started))
+
+
 def run_one(study: str, seed: int, folder: Path, space, cores: int, args: argparse.Namespace,
             env: dict[str, str], mlflow_template: Path) -> StudyRun:
     name = f"{study}-s{seed}"
-    overrides = [*study_overrides(study, space.params, space.n_jobs, space.max_failure_rate, seed, cores,
-                                  args.overrides), *args.overrides, *place_overrides(study, folder, name)]
-    cmd = [sys.executable, "-m", "mnist_sweep", "--multirun", *overrides]
+    cmd = study_command(study, seed, folder, space, cores, args)
     ran = kept_run(folder, args.budget, cmd) if args.keep else None
     if ran is not None:
         print(f"{name}: kept from {datetime.datetime.fromtimestamp(ran.started).isoformat(timespec='seconds')}",
               file=sys.stderr, flush=True)
     else:
-        prepare_folder(folder, mlflow_template)
+        prepare_folder(folder, None if study in PEERS else mlflow_template)
         print(f"{name}: {shlex.join(['python', *cmd[1:]])}", file=sys.stderr, flush=True)
         ran = run_until(cmd, folder, args.budget, args.grace, env)
         (folder / RAN).write_text(json.dumps({"budget": args.budget, "command": cmd[1:], "ran": asdict(ran)}))
     try:
-        trials = read_trials(f"sqlite:///{folder / 'optuna.db'}", name, ran.started)
-        runs = read_runs(folder / "mlflow.db", space.experiment, ran.started)
+        trials, runs = read_study(study, folder, name, space.experiment, ran.started)
     except Exception as e:  # a store cut off by SIGKILL mid-write: the study counts as having recorded nothing
         print(f"warning: {name}: its records could not be read ({one_line(e)}); counted as empty",
               file=sys.stderr, flush=True)

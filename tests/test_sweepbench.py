@@ -1,5 +1,5 @@
 """The sweep benchmark: its arithmetic on hand-made trials and runs, its process handling, and one quick run of the
-three studies on tiny data."""
+default studies and the bare Optuna peer on tiny data."""
 
 import json
 import math
@@ -214,7 +214,7 @@ def test_sigterm_to_the_bench_stops_the_running_study(tmp_path, capsys, monkeypa
 
 @pytest.mark.parametrize("args, message", [
     (["--studies", "ours", "turbo"], "error: --studies ours turbo: unknown turbo; allowed: ours, upstream, random, "
-                                     "ours_nopruning"),
+                                     "ours_nopruning, optuna, ray"),
     (["--budget", "0.5"], "error: --budget=0.5 must be >= 1 (wall-clock seconds per study)"),
     (["--targets", "99"], "error: --targets 99.0: a target is a val/acc in (0, 1], e.g. 0.99"),
     (["model=huge"], "error: overrides model=huge: In 'config': Could not find 'model/huge'"),
@@ -232,14 +232,14 @@ def test_a_folder_the_bench_did_not_make_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_quick_sweep_benchmark_runs_the_three_studies_end_to_end(tmp_path, mnist_root):
+def test_quick_sweep_benchmark_runs_the_four_studies_end_to_end(tmp_path, mnist_root):
     out = tmp_path / "sb"
-    proc = run_cli(["--quick", f"--out={out}", *FAST, f"data.root={mnist_root}"], cwd=tmp_path,
-                   module="mnist_sweep.sweepbench")
+    proc = run_cli(["--quick", "--studies", "ours", "upstream", "random", "optuna", f"--out={out}", *FAST,
+                    f"data.root={mnist_root}"], cwd=tmp_path, module="mnist_sweep.sweepbench")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "sweepbench.json").read_text())
     runs = {r["study"]: r for r in results["runs"]}
-    assert set(runs) == {"ours", "upstream", "random"} and results["budget_s"] == 25
+    assert set(runs) == {"ours", "upstream", "random", "optuna"} and results["budget_s"] == 25
     for r in runs.values():
         assert r["failed"] is None and 0 < r["wall_seconds"] <= 25 and r["started"]
         assert set(r["trials"]) == {"complete", "pruned", "other"} and r["trial_epochs"] >= 0
@@ -250,6 +250,8 @@ def test_quick_sweep_benchmark_runs_the_three_studies_end_to_end(tmp_path, mnist
     assert ours["trials"]["complete"] >= 1 and ours["curve"][-1][1] == ours["final_best"]
     assert 0 < ours["unpruned_share"] <= 1 and ours["parallel"] >= 1
     assert "hydra/sweeper=optuna" in runs["upstream"]["command"]
+    optuna = runs["optuna"]  # the bare loop: its trials come from its epoch log, numbered by Optuna
+    assert optuna["trials"]["complete"] >= 1 and optuna["command"][1:4] == ["-m", "mnist_sweep.peers", "optuna"]
     table = (out / "sweepbench.md").read_text()
     assert all(f"| {name} | 1 |" in table and f"| {name} | 1 |" in proc.stdout for name in runs)
     assert "CPU flags" in table and (out / "sweepbench.png").stat().st_size > 10_000
