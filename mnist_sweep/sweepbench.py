@@ -91,7 +91,9 @@ def study_overrides(study: str, params: dict[str, str], n_jobs: int, max_failure
                     cores: int, user: Sequence[str]) -> list[str]:
     """The overrides of one study's `python -m mnist_sweep --multirun`, before the user's and the folder's."""
     if study in ("ours", "ours_nopruning"):
-        extra = ["hydra/sweeper/pruner=none", f"hydra.sweeper.n_trials={MANY_TRIALS}"] if study != "ours" else []
+        # ours_nopruning runs until the bench's budget stops it, not the shipped study's own n_trials or timeout
+        extra = (["hydra/sweeper/pruner=none", f"hydra.sweeper.n_trials={MANY_TRIALS}", "hydra.sweeper.timeout=null"]
+                 if study != "ours" else [])
         return [f"hydra.sweeper.sampler.seed={seed}", *extra]
     threads = trial_threads(user, n_jobs, cores)
     sampler = ["hydra/sweeper/sampler=random"] if study == "random" else []
