@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import optuna
 
-from . import machine, tracking
+from . import machine, startup, tracking
 from .config import SOURCE, Recording
 from .redact import mask_secrets
 from .study import current_trial
@@ -93,6 +93,7 @@ def train_and_record(spec: RunSpec, recording: Recording, params: Mapping[str, A
             trial.report(metrics[spec.optimized_metric[0]], step=epoch, last=epoch == spec.trainer.epochs)
 
         bar = progress_bar(sys.stdout.isatty(), spec.trainer.epochs, spec.data.batch_size)
+        bar = startup.marking_first_step(bar)
         start = time.perf_counter()
         history = fit(prepared, epoch_end, bar)
         fit_seconds = time.perf_counter() - start
