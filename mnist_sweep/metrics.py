@@ -1,6 +1,6 @@
 """The metrics a run records and which way each one is better: the one table that the config's resolvers (the
-sweep's directions), the trainer and the sweep benchmark read. No torch here: the sweep's main process, which only
-composes the config and makes the study, reads it too."""
+sweep's directions) and the run's checks read. No torch here: a sweep's main process, which composes the config
+but never trains, resolves the directions too."""
 
 from __future__ import annotations
 
