@@ -1,4 +1,5 @@
-"""MNIST: find or download it with torchvision, split off a validation set, and serve batches.
+"""MNIST: read its IDX files (downloaded with torchvision when missing), split off a validation set, and serve
+batches.
 
 Two loader modes serve the same split:
 - ``memory`` (default): the uint8 images are normalized once into one float tensor on the training device and

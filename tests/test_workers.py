@@ -490,6 +490,17 @@ cli()
 """
 
 
+def test_what_a_sweeps_main_process_imports_brings_no_torch():
+    """The modules a sweep's main process runs (the entry point, the sweeper, its MLflow records, the on_best hook)
+    load without torch, in a fresh interpreter: torch comes with the first run, in a worker."""
+    code = ("import sys; import mnist_sweep.__main__, mnist_sweep.sweeper, mnist_sweep.registry, mnist_sweep.config; "
+            "print(' '.join(m for m in ('torch', 'torchvision') if m in sys.modules) or 'neither')")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "neither"
+
+
 @pytest.mark.slow
 def test_the_main_process_of_local_workers_never_imports_torch(tmp_path, mnist_root):
     """It only composes, makes the study and the parent run, and waits: its workers train. (Registering the best
