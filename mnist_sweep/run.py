@@ -102,7 +102,7 @@ def train_and_record(spec: RunSpec, recording: Recording, params: Mapping[str, A
                          "time/test_seconds": time.perf_counter() - start - fit_seconds}, step=spec.trainer.epochs)
         artifacts.log_model_weights(rec, prepared.eval_model, spec.model)  # the EMA's weights, when on
         rec.log_figure(artifacts.confusion_figure(confusion_matrix(pred, label),
-                                                 f"test set: accuracy {test['acc']:.4f}"), "confusion_matrix.png")
+                                                  f"test set: accuracy {test['acc']:.4f}"), "confusion_matrix.png")
         values = objective_values(history, prepared.num_params, spec.optimized_metric)
         log.info(f"val/acc {history[-1]['val/acc']:.4f}  test/acc {test['acc']:.4f}  "
                  f"({', '.join(f'{n} {v:.4g}' for n, v in zip(spec.optimized_metric, values))} optimized)")
