@@ -10,7 +10,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -22,8 +22,9 @@ from . import tracking
 from .config import CONFIG_PATH, build_recording, build_spec
 from .errors import ConfigError, Terminated, UserError
 from .redact import has_literal_password, mask_secrets
-from .run import train_and_record
-from .train import RunSpec
+
+if TYPE_CHECKING:
+    from .train import RunSpec
 
 log = logging.getLogger("mnist_sweep")
 # Hydra builds our own callback and sweeper from _target_ without a whitelist; they are this package's code
@@ -70,6 +71,9 @@ def _check_writable(folder: str, key: str) -> None:
 
 def run_config(cfg: DictConfig, env: Mapping[str, str], sweeping: bool = False) -> list[float]:
     """Check the config, then train and record one run (a sweep's trial when `env` says so)."""
+    # torch comes with it: a sweep's main process only starts workers, and starts them sooner without it
+    from .run import train_and_record
+
     spec, recording = build_spec(cfg), build_recording(cfg)
     check_sweepable(spec, sweeping)
     resolved = OmegaConf.to_container(cfg, resolve=True)

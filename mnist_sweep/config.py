@@ -8,16 +8,17 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .config_types import check_fields, check_numeric_kwargs, is_number, shown
-from .data import DataConfig
 from .errors import ConfigError, one_line
-from .model import ModelConfig
-from .train import METRIC_DIRECTIONS, RunSpec, TrainerConfig, check_metric_names
+from .metrics import metric_directions, metric_names
+
+if TYPE_CHECKING:
+    from .train import RunSpec
 
 
 @dataclass(frozen=True)
@@ -30,18 +31,7 @@ class Recording:
     registered_model: str | None = None  # a sweep registers its best model under this name
 
 
-def metric_directions(metrics: Any) -> list[str]:
-    """optimized_metric -> the sweep's directions (val/acc maximize, losses and seconds minimize); the resolver
-    `${metric_directions:${optimized_metric}}` gives them to hydra.sweeper.direction."""
-    names = metric_names(metrics)
-    check_metric_names(names)
-    return [METRIC_DIRECTIONS[m] for m in names]
-
-
-def metric_names(metrics: Any) -> list[str]:
-    return [metrics] if isinstance(metrics, str) else list(metrics)
-
-
+# `${metric_directions:${optimized_metric}}` gives hydra.sweeper.direction the directions of optimized_metric
 OmegaConf.register_resolver("metric_directions", metric_directions, replace=True)
 OmegaConf.register_resolver("metric_names", metric_names, replace=True)
 
@@ -96,6 +86,12 @@ def _factory(node: DictConfig | None, key: str):
 
 def build_spec(cfg: DictConfig) -> RunSpec:
     """The composed config as plain, validated dataclasses; raises ConfigError naming the bad key."""
+    # here, not at the top: torch comes with them, and a sweep's main process, which composes but never trains,
+    # starts its workers sooner without it
+    from .data import DataConfig
+    from .model import ModelConfig
+    from .train import RunSpec, TrainerConfig
+
     metrics = tuple(metric_names(cfg.optimized_metric))
     make_optimizer, _ = _factory(cfg.optimizer, "optimizer")
     make_scheduler, interval = _factory(cfg.get("scheduler"), "scheduler")

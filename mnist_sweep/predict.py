@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import registry, tracking
+from . import artifacts, registry, tracking
 from .errors import UserError, one_line
 from .data import background
 from .model import IMAGE_SIZE
@@ -150,7 +150,7 @@ def _run_model(client, run_id: str, source: str) -> LoadedModel:
     from mlflow.exceptions import MlflowException
 
     try:
-        return LoadedModel(tracking.load_model(client, run_id), *tracking.input_settings(client, run_id), source)
+        return LoadedModel(artifacts.load_model(client, run_id), *tracking.input_settings(client, run_id), source)
     except (MlflowException, OSError, KeyError) as e:
         raise UserError(f"MLflow run {run_id!r} has no loadable model ({one_line(e)})") from None
 

@@ -1,5 +1,6 @@
 """The sweep's winner in the MLflow model registry: the sweeper's `on_best` hook for this app, registration as an
-MLflow Logged Model, and loading a registered version back."""
+MLflow Logged Model, and loading a registered version back. torch is imported by the calls that load a net, not
+with the module: the hook runs in a sweep's main process, which never trains."""
 
 from __future__ import annotations
 
@@ -7,14 +8,13 @@ import logging
 import os
 import tempfile
 from contextlib import contextmanager
-from typing import Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from . import tracking
-from .data import background
 from .errors import UserError, one_line
-from .model import IMAGE_SIZE, NUM_CLASSES
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("mnist_sweep")
 LOGGED_MODEL_NAME = "model"  # the name of the MLflow Logged Model a registration creates from a run
@@ -48,8 +48,13 @@ def register_model(client, run_id: str, name: str):
     """
     import mlflow.pytorch
     import numpy as np
+    import torch
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
+
+    from .artifacts import load_model
+    from .data import background
+    from .model import IMAGE_SIZE, NUM_CLASSES
 
     for version in client.search_model_versions(f"name = '{name}'"):
         if version.run_id == run_id:
@@ -58,7 +63,7 @@ def register_model(client, run_id: str, name: str):
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, IMAGE_SIZE, IMAGE_SIZE))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]))
-    net = tracking.load_model(client, run_id)
+    net = load_model(client, run_id)
     # pt2: torch.export's traced graph loads without our code and without unpickling; the example's batch of 2
     # keeps the batch dimension dynamic. Explicit requirements: MLflow would otherwise infer them by loading the
     # model in a subprocess (slow).

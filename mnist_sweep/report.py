@@ -21,7 +21,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from . import results, study as studies, tracking
+from . import artifacts, results, study as studies, tracking
 from .data import background, default_root, load_mnist, normalize
 from .errors import ConfigError, UserError, one_line
 from .locks import sqlite_file
@@ -136,7 +136,7 @@ def model_figures(probs: torch.Tensor, labels: torch.Tensor, images: torch.Tenso
 
     pred = probs.argmax(1)
     acc = (pred == labels).float().mean().item()
-    figures = {"confusion_matrix.png": tracking.confusion_figure(
+    figures = {"confusion_matrix.png": artifacts.confusion_figure(
         confusion_matrix(pred, labels), f"best model, test set: accuracy {acc:.4f}")}
     wrong = (pred != labels).nonzero().flatten()
     true_prob = probs[wrong, labels[wrong]]
@@ -252,7 +252,7 @@ def evaluate_run_model(client, run_id: str, data_root: str) -> tuple[dict[str, f
     from mlflow.exceptions import MlflowException
 
     try:
-        model = tracking.load_model(client, run_id)
+        model = artifacts.load_model(client, run_id)
         mean, std, shifts = tracking.input_settings(client, run_id)
     except (MlflowException, OSError, KeyError) as e:
         raise UserError(f"the best trial's model (MLflow run {run_id}) could not be loaded from "

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import optuna
 
-from . import machine, tracking
+from . import artifacts, machine, startup, tracking
 from .config import SOURCE, Recording
 from .redact import mask_secrets
 from .study import current_trial
@@ -83,7 +83,7 @@ def train_and_record(spec: RunSpec, recording: Recording, params: Mapping[str, A
     with tracking.RunRecorder(client, recording.experiment, recording.run_name, tags=tags, run_id=run_id,
                               finished_on=(optuna.TrialPruned,)) as rec:  # a pruned run is complete as far as it went
         rec.log_params({k: mask_secrets(str(v)) for k, v in params.items()})
-        tracking.log_dataset(client, rec.run_id, spec.data, prepared.splits)
+        artifacts.log_dataset(client, rec.run_id, spec.data, prepared.splits)
         rec.log_text(mask_secrets(config_yaml), "config.yaml")
         rec.log_metrics({"model/params": prepared.num_params}, step=0)
 
@@ -93,15 +93,16 @@ def train_and_record(spec: RunSpec, recording: Recording, params: Mapping[str, A
             trial.report(metrics[spec.optimized_metric[0]], step=epoch, last=epoch == spec.trainer.epochs)
 
         bar = progress_bar(sys.stdout.isatty(), spec.trainer.epochs, spec.data.batch_size)
+        bar = startup.marking_first_step(bar)
         start = time.perf_counter()
         history = fit(prepared, epoch_end, bar)
         fit_seconds = time.perf_counter() - start
         test, pred, label = evaluate(prepared, prepared.splits.test)
         rec.log_metrics({"test/acc": test["acc"], "test/loss": test["loss"], "time/fit_seconds": fit_seconds,
                          "time/test_seconds": time.perf_counter() - start - fit_seconds}, step=spec.trainer.epochs)
-        rec.log_model_weights(prepared.eval_model, spec.model)  # the EMA's weights, when on
-        rec.log_figure(tracking.confusion_figure(confusion_matrix(pred, label),
-                                                 f"test set: accuracy {test['acc']:.4f}"), "confusion_matrix.png")
+        artifacts.log_model_weights(rec, prepared.eval_model, spec.model)  # the EMA's weights, when on
+        rec.log_figure(artifacts.confusion_figure(confusion_matrix(pred, label),
+                                                  f"test set: accuracy {test['acc']:.4f}"), "confusion_matrix.png")
         values = objective_values(history, prepared.num_params, spec.optimized_metric)
         log.info(f"val/acc {history[-1]['val/acc']:.4f}  test/acc {test['acc']:.4f}  "
                  f"({', '.join(f'{n} {v:.4g}' for n, v in zip(spec.optimized_metric, values))} optimized)")

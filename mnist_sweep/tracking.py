@@ -1,4 +1,5 @@
-"""MLflow records: one run per training, nested under a study's parent run in a sweep.
+"""MLflow records: one run per training, nested under a study's parent run in a sweep. Generic: no torch and no
+model here (artifacts.py logs and loads the net), so the sweeper and a sweep's main process use it without either.
 
 Uses an explicit MlflowClient (no fluent active-run state), so many runs in one process don't interfere and every
 run is ended with a status even when training dies: FINISHED, FAILED, or KILLED on Ctrl-C.
@@ -9,29 +10,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import io
-import hashlib
-import json
 import logging
 import math
 import os
 import subprocess
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
-import torch
-
-from .data import DataConfig, Splits, load_mnist
-from .data import digest as data_digest
 from .errors import ConfigError, UserError, one_line
 from .locks import file_lock, sqlite_file
-from .model import IMAGE_SIZE, ModelConfig, build_model
 
-WEIGHTS_FILE = "model/weights.pt"
-MODEL_CONFIG_FILE = "model/model_config.json"
 # Tags and params that several modules write or read: one name each
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's nesting: the parent run's id on a child run
 STUDY_TAG = "study"  # the Optuna study's name, on its parent run and on every trial's run
@@ -143,7 +133,6 @@ def experiment_id(client, name: str) -> str:
 
 LOCK_WAIT_S = 60.0  # seconds a write waits in all for another process's lock on a SQLite store (as Optuna's does)
 _LOCKED = "database is locked"
-_DUPLICATE_KEY = ("UniqueViolation", "UNIQUE constraint failed", "Duplicate entry")  # PostgreSQL, SQLite, MySQL
 T = TypeVar("T")
 
 
@@ -277,28 +266,6 @@ class RunRecorder:
         with disk_space(self.artifact_location, artifact_file):
             retry_locked(self.client.log_figure, self.run_id, figure, artifact_file)
 
-    def log_model_weights(self, model: torch.nn.Module, cfg: ModelConfig) -> None:
-        """state_dict + the ModelConfig that rebuilds it; `load_model` reads them back."""
-        state = getattr(model, "_orig_mod", model).state_dict()  # unwrap torch.compile
-        weights = io.BytesIO()  # a file torch writes itself fails with a RuntimeError that hides the errno
-        torch.save({k: v.detach().cpu() for k, v in state.items()}, weights)
-        with disk_space(tempfile.gettempdir, "the model weights"), tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / "model"
-            folder.mkdir()
-            (folder / "weights.pt").write_bytes(weights.getbuffer())
-            (folder / "model_config.json").write_text(json.dumps(cfg.__dict__, indent=2))
-            with disk_space(self.artifact_location, "the model weights"):
-                retry_locked(self.client.log_artifacts, self.run_id, str(folder), "model")
-
-
-def load_model(client, run_id: str) -> torch.nn.Module:
-    """Rebuild a logged model from its run: the inverse of RunRecorder.log_model_weights."""
-    with tempfile.TemporaryDirectory() as tmp, quiet_transfers():
-        cfg_path = client.download_artifacts(run_id, MODEL_CONFIG_FILE, tmp)
-        weights_path = client.download_artifacts(run_id, WEIGHTS_FILE, tmp)
-        model = build_model(ModelConfig(**json.loads(Path(cfg_path).read_text())))
-        model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
-    return model.eval()
 
 
 TTA_SHIFTS_PARAM = "trainer.tta_shifts"  # the logged config key: predict and report score a run's images as it did
@@ -333,43 +300,9 @@ def quiet_transfers() -> Iterator[None]:
 
 
 SOURCE_NAME = "mnist_sweep"  # what the runs table shows under Source: the package's entry point
-DATASET_NAME = "mnist"
-
-
 def source_tags() -> dict[str, str]:
     """MLflow's source tags of a run started by `python -m mnist_sweep` from a local checkout."""
     return {"mlflow.source.name": SOURCE_NAME, "mlflow.source.type": "LOCAL"}
-
-
-def log_dataset(client, run_id: str, cfg: DataConfig, splits: Splits) -> None:
-    """The run's training data as an MLflow dataset input (the runs table's Dataset column): 'mnist', a digest of
-    the files' contents and of the split, and the split sizes in its profile."""
-    import numpy as np
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-    from mlflow.types import Schema, TensorSpec
-
-    sizes = {"train": splits.num_train, "val": splits.num_val, "test": splits.num_test}
-    # the split is part of what a run saw: one digest per (files, split), so the stored profile fits every run
-    # that logs it (MLflow keeps one dataset per name and digest in an experiment)
-    content = data_digest(load_mnist(cfg.root, cfg.download))
-    split = f"val_size={cfg.val_size} split_seed={cfg.split_seed}" + (" train_on_val" if cfg.train_on_val else "")
-    digest = hashlib.sha256(f"{content} {split}".encode())
-    schema = {"mlflow_tensorspec": {
-        "features": Schema([TensorSpec(np.dtype(np.uint8), (-1, IMAGE_SIZE, IMAGE_SIZE), "images")]).to_json(),
-        "targets": Schema([TensorSpec(np.dtype(np.int64), (-1,), "labels")]).to_json()}}
-    dataset = Dataset(name=DATASET_NAME, digest=digest.hexdigest()[:16], source_type="local",
-                      source=json.dumps({"uri": str(Path(cfg.root).expanduser().absolute() / "MNIST" / "raw")}),
-                      schema=json.dumps(schema), profile=json.dumps(sizes | {"files_digest": content}))
-    inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])]
-    try:
-        retry_locked(client.log_inputs, run_id, datasets=inputs)
-    except Exception as e:
-        # Two runs logging a dataset new to the experiment at the same moment (parallel trials): MLflow's store
-        # looks the dataset up, then inserts it, and the slower insert hits the unique key. The dataset now
-        # exists, so logging again links it to this run.
-        if not any(text in str(e) for text in _DUPLICATE_KEY):
-            raise
-        retry_locked(client.log_inputs, run_id, datasets=inputs)
 
 
 def child_runs(client, parent_run_id: str, status: str | None = None) -> list:
@@ -385,25 +318,6 @@ def child_runs(client, parent_run_id: str, status: str | None = None) -> list:
         token = page.token
         if not token:
             return runs
-
-
-def confusion_figure(counts: torch.Tensor, title: str):
-    """A labelled heat map of counts[true, predicted]."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 5), dpi=100)
-    ax.imshow(counts.log1p().numpy(), cmap="Blues")
-    ax.grid(False)  # a style's grid (Optuna's plots leave ggplot's on) would run through the counts
-    for t, p in counts.nonzero().tolist():  # zeros stay blank: the mistakes stand out
-        ax.text(p, t, str(counts[t, p].item()), ha="center", va="center", fontsize=8,
-                color="white" if t == p else "black")
-    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true", title=title)
-    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.1, top=0.93)
-    plt.close(fig)
-    return fig
 
 
 def _now_ms() -> int:

@@ -22,6 +22,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .data import DataConfig, Splits, build_splits, shift
 from .errors import ConfigError, DivergedError
+from .metrics import check_metric_names
 from .model import IMAGE_SIZE, NUM_CLASSES, ModelConfig, build_model, count_parameters
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -30,18 +31,6 @@ PRECISIONS = ("fp32", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SCHEDULER_INTERVALS = ("epoch", "step")
 MAX_TTA_SHIFT = 4  # pixels: about the empty border around MNIST's 20x20 digit box; more pushes ink off
-
-# Every metric a run records, with the direction that makes it better. The same strings are MLflow metric
-# keys, Optuna objective names and valid values of `optimized_metric`.
-METRIC_DIRECTIONS = {
-    "val/acc": "maximize",
-    "val/loss": "minimize",
-    "train/loss": "minimize",
-    "epoch_seconds": "minimize",
-    "train/images_per_s": "maximize",
-    "model/params": "minimize",
-}
-FINAL_ONLY_METRICS = ("test/acc", "test/loss")  # never an objective: the test set is not for selection
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
@@ -102,16 +91,6 @@ class RunSpec:
         if self.scheduler_interval not in SCHEDULER_INTERVALS:
             raise ConfigError(f"scheduler.interval={self.scheduler_interval!r} is not allowed; allowed: "
                               f"{', '.join(SCHEDULER_INTERVALS)}")
-
-
-def check_metric_names(names: Iterable[str]) -> None:
-    for name in names:
-        if name in FINAL_ONLY_METRICS:
-            raise ConfigError(f"optimized_metric={name!r} is measured on the test set, which is never used for "
-                              f"selection; allowed: {', '.join(METRIC_DIRECTIONS)}")
-        if name not in METRIC_DIRECTIONS:
-            raise ConfigError(f"optimized_metric={name!r} is not a metric this project records; allowed: "
-                              f"{', '.join(METRIC_DIRECTIONS)}")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -49,6 +49,6 @@ def test_experiment_page_lists_the_parent_run_and_its_nested_trials(mlflow_serve
         finally:
             browser.close()
     assert all(name in text for name in children), text[:3000]
-    # the Dataset column names what the trials trained on (tracking.log_dataset), not "-"
+    # the Dataset column names what the trials trained on (artifacts.log_dataset), not "-"
     [digest] = {r.inputs.dataset_inputs[0].dataset.digest for r in runs if "mlflow.parentRunId" in r.data.tags}
     assert f"mnist ({digest})" in text, text[:3000]

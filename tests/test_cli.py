@@ -43,7 +43,7 @@ def test_single_run_records_metrics_params_and_artifacts(tmp_path, mnist_root):
 
 def test_logged_weights_load_back_with_the_same_accuracy(tmp_path, mnist_root):
     from mnist_sweep.data import DataConfig, build_splits
-    from mnist_sweep.tracking import load_model
+    from mnist_sweep.artifacts import load_model
 
     assert run_cli(cli_args(tmp_path, mnist_root, "trainer.epochs=1"), cwd=tmp_path).returncode == 0
     client, (run,) = mlflow_runs(tmp_path)

@@ -112,7 +112,7 @@ def test_a_large_photo_is_shrunk_on_load_and_turned_upright(tmp_path):
 
 @pytest.mark.slow
 def test_predict_cli_classifies_images_with_the_registered_model(recorded_study, tmp_path):
-    from mnist_sweep import registry, tracking
+    from mnist_sweep import artifacts, registry, tracking
     from mnist_sweep.predict import classify
 
     images, _ = synthetic_digits(3, seed=5)
@@ -128,7 +128,7 @@ def test_predict_cli_classifies_images_with_the_registered_model(recorded_study,
     # the digits printed are those of the registered run's net on the same preprocessing
     client = tracking.make_client(uri)
     run_id = registry.latest_model_version(client, "mnist_sweep_best").run_id
-    probs = classify(tracking.load_model(client, run_id), [to_mnist(read_gray(p)) for p in paths],
+    probs = classify(artifacts.load_model(client, run_id), [to_mnist(read_gray(p)) for p in paths],
                      *tracking.input_settings(client, run_id))
     for path, p in zip(paths, probs):
         line = next(line for line in result.stdout.splitlines() if path.name in line)
@@ -146,7 +146,7 @@ def test_predict_cli_classifies_images_with_the_registered_model(recorded_study,
 def test_predict_loads_the_registered_mlflow_model_that_it_names(recorded_study):
     import torch
 
-    from mnist_sweep import predict, registry, tracking
+    from mnist_sweep import artifacts, predict, registry, tracking
     from mnist_sweep.model import Net
 
     client = tracking.make_client(f"sqlite:///{recorded_study / 'mlflow.db'}")
@@ -154,7 +154,7 @@ def test_predict_loads_the_registered_mlflow_model_that_it_names(recorded_study)
     assert loaded.source == "models:/mnist_sweep_best/1"
     assert not isinstance(loaded.net, Net)  # the logged pt2 graph, not the run's weights rebuilt with our code
     assert (loaded.mean, loaded.std) == (0.1307, 0.3081)  # from the model's metadata
-    net = tracking.load_model(client, registry.latest_model_version(client, "mnist_sweep_best").run_id)
+    net = artifacts.load_model(client, registry.latest_model_version(client, "mnist_sweep_best").run_id)
     batch = torch.randn(5, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(loaded.net(batch), net(batch))

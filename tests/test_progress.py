@@ -19,3 +19,16 @@ def test_on_a_terminal_progress_is_a_bar_counting_images():
     bar = entry.progress_bar(True, 3, 64)([(0, 0)] * 5, 1)
     assert bar.total == 5 and bar.unit == "img" and bar.desc == "epoch 1/3"
     bar.close()
+
+
+def test_the_first_step_is_noted_only_when_asked(tmp_path):
+    from mnist_sweep import startup
+
+    plain = entry.progress_bar(False, 1, 64)
+    assert startup.marking_first_step(plain, env={}) is plain  # an ordinary run writes nothing
+    marker = tmp_path / "first_step"
+    marked = startup.marking_first_step(plain, env={startup.FIRST_STEP_ENV: str(marker)})
+    batches = marked([(0, 0), (1, 1), (2, 2)], 1)
+    assert next(batches) == (0, 0) and not marker.exists()  # the first batch is handed out, not yet trained
+    assert next(batches) == (1, 1) and len(marker.read_text().split()) == 1
+    assert list(marked([(0, 0), (1, 1)], 2)) == [(0, 0), (1, 1)] and len(marker.read_text().split()) == 1

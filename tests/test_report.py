@@ -11,7 +11,7 @@ import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from conftest import run_cli
-from mnist_sweep import registry, report, results, tracking
+from mnist_sweep import artifacts, registry, report, results, tracking
 from mnist_sweep.errors import ConfigError
 
 LONG_NAMES = {"model.conv1_channels": CategoricalDistribution([8, 16, 32]), "model.dropout": FloatDistribution(0.1, 0.6),
@@ -61,7 +61,7 @@ def test_the_confusion_matrix_has_no_grid_even_under_optunas_ggplot_style():
     import matplotlib.pyplot as plt
 
     with plt.style.context("ggplot"):  # what Optuna's plots leave behind in a training process
-        fig = tracking.confusion_figure(torch.eye(10, dtype=torch.long) * 30, "test")
+        fig = artifacts.confusion_figure(torch.eye(10, dtype=torch.long) * 30, "test")
     ax = fig.axes[0]
     assert not any(line.get_visible() for line in ax.get_xgridlines() + ax.get_ygridlines())
 
@@ -171,7 +171,7 @@ def test_the_registered_best_model_loads_with_mlflow_and_predicts_like_the_net(r
     assert str(version.version) == "1" and version.run_id == best.user_attrs["mlflow_run_id"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     loaded = mlflow.pytorch.load_model("models:/mnist_sweep_best/1")
-    net = tracking.load_model(client, version.run_id)
+    net = artifacts.load_model(client, version.run_id)
     batch = torch.randn(7, 1, 28, 28)
     torch.testing.assert_close(loaded(batch), net(batch))
     pyfunc = mlflow.pyfunc.load_model("models:/mnist_sweep_best/1")

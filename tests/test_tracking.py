@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from mnist_sweep import tracking
+from mnist_sweep import artifacts, tracking
 from mnist_sweep.errors import UserError
 from mnist_sweep.model import ModelConfig, build_model
 from mnist_sweep.tracking import RunRecorder, retry_locked
@@ -94,7 +94,7 @@ def test_a_full_disk_while_saving_weights_fails_the_run_with_one_reason(store):
         previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the signal kills the process
         resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, hard))
         try:
-            rec.log_model_weights(build_model(cfg), cfg)
+            artifacts.log_model_weights(rec, build_model(cfg), cfg)
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
             signal.signal(signal.SIGXFSZ, previous)
@@ -112,9 +112,9 @@ def test_a_full_artifact_store_names_it(store, monkeypatch):
 
     monkeypatch.setattr(client, "log_artifacts", full)
     with pytest.raises(UserError) as err, RunRecorder(client, "disk") as rec:
-        rec.log_model_weights(build_model(ModelConfig(fc_width=8)), ModelConfig(fc_width=8))
-    artifacts = client.get_run(rec.run_id).info.artifact_uri
-    assert str(err.value) == (f"no space left to save the model weights in {artifacts} (No space left on device); "
+        artifacts.log_model_weights(rec, build_model(ModelConfig(fc_width=8)), ModelConfig(fc_width=8))
+    location = client.get_run(rec.run_id).info.artifact_uri
+    assert str(err.value) == (f"no space left to save the model weights in {location} (No space left on device); "
                               "free space there and run again")
 
 
@@ -133,7 +133,7 @@ def logged_net(client, name: str, tta_shifts: int | None = None):
         rec.log_params({"data.mean": 0.1307, "data.std": 0.3081})  # what predict and the registry normalize with
         if tta_shifts is not None:
             rec.log_params({tracking.TTA_SHIFTS_PARAM: tta_shifts})
-        rec.log_model_weights(net, cfg)
+        artifacts.log_model_weights(rec, net, cfg)
     return net, rec.run_id
 
 
@@ -218,9 +218,9 @@ def test_a_dataset_logged_by_two_runs_at_once_is_linked_to_both(store, mnist_roo
             client.log_inputs(run_id, datasets=datasets)
 
     splits = SimpleNamespace(num_train=1000, num_val=200, num_test=300)
-    tracking.log_dataset(RacingClient(), run_id, DataConfig(root=str(mnist_root), download=False), splits)
+    artifacts.log_dataset(RacingClient(), run_id, DataConfig(root=str(mnist_root), download=False), splits)
     assert calls == [run_id, run_id]
-    assert [d.dataset.name for d in client.get_run(run_id).inputs.dataset_inputs] == [tracking.DATASET_NAME]
+    assert [d.dataset.name for d in client.get_run(run_id).inputs.dataset_inputs] == [artifacts.DATASET_NAME]
 
     class BrokenClient:
         def log_inputs(self, run_id, datasets):
@@ -229,5 +229,5 @@ def test_a_dataset_logged_by_two_runs_at_once_is_linked_to_both(store, mnist_roo
 
     calls.clear()
     with pytest.raises(RestException, match="does not exist"):
-        tracking.log_dataset(BrokenClient(), run_id, DataConfig(root=str(mnist_root), download=False), splits)
+        artifacts.log_dataset(BrokenClient(), run_id, DataConfig(root=str(mnist_root), download=False), splits)
     assert calls == [run_id]  # only the race is retried

@@ -472,3 +472,46 @@ def test_a_config_error_in_local_workers_is_one_line_and_leaves_nothing_running(
     client, runs = mlflow_runs(tmp_path)
     parents = [r for r in runs if r.data.tags.get("kind") == "study"]
     assert [p.info.status for p in parents] == ["FAILED"] and all(r.info.status != "RUNNING" for r in runs)
+
+
+MAIN_PROCESS_REPORT = """
+import atexit, os, sys
+
+from mnist_sweep.study import LOCAL_WORKER_ENV
+
+def report():
+    if not os.environ.get(LOCAL_WORKER_ENV):  # the sweep's main process, not one of its workers
+        heavy = [m for m in ("torch", "torchvision") if m in sys.modules]
+        print(f"main process imported: {' '.join(heavy) or 'neither'}", file=sys.stderr)
+
+atexit.register(report)
+from mnist_sweep.__main__ import cli
+cli()
+"""
+
+
+def test_what_a_sweeps_main_process_imports_brings_no_torch():
+    """The modules a sweep's main process runs (the entry point, the sweeper, its MLflow records, the on_best hook)
+    load without torch, in a fresh interpreter: torch comes with the first run, in a worker."""
+    code = ("import sys; import mnist_sweep.__main__, mnist_sweep.sweeper, mnist_sweep.registry, mnist_sweep.config; "
+            "print(' '.join(m for m in ('torch', 'torchvision') if m in sys.modules) or 'neither')")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "neither"
+
+
+@pytest.mark.slow
+def test_the_main_process_of_local_workers_never_imports_torch(tmp_path, mnist_root):
+    """It only composes, makes the study and the parent run, and waits: its workers train. (Registering the best
+    model at the end needs torch; the FAST overrides register none.)"""
+    (tmp_path / "sweep.py").write_text(MAIN_PROCESS_REPORT)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MNIST_ROOT": str(tmp_path / "no-such-data"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "sweep.py", *worker_args(tmp_path, mnist_root, storage, "sweep",
+                                                                       "hydra.sweeper.n_trials=2", *LOCAL)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "main process imported: neither" in result.stderr, result.stderr[-3000:]
+    assert len(optuna.load_study(study_name="s", storage=storage).trials) == 2  # the workers did train
