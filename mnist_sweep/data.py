@@ -15,7 +15,6 @@ import functools
 import math
 import os
 import socket
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -115,53 +114,21 @@ _CACHE: dict[tuple[str, bool], MnistArrays] = {}
 
 
 def load_mnist(root: str, download: bool) -> MnistArrays:
-    """Read MNIST once per process (a sweep's worker runs many trials on one copy): the raw IDX files directly when
-    they are all there, else through torchvision, which downloads them when allowed."""
+    """Read MNIST through torchvision (which downloads it when allowed), once per process: a sweep's worker runs
+    many trials on one copy."""
     key = (str(Path(root).expanduser().resolve()), download)
     if key not in _CACHE:
-        raw = Path(root).expanduser().absolute() / "MNIST" / "raw"
-        if all((raw / f).is_file() for f in RAW_FILES):
-            parts = {name: _read_raw(raw, name) for name in ("train", "t10k")}
-        else:
-            parts = {name: (part.data, part.targets) for name, part in (
-                ("train", _torchvision_mnist(root, train=True, download=download)),
-                ("t10k", _torchvision_mnist(root, train=False, download=download)))}
-        for name, (images, labels) in parts.items():
-            if images.shape[1:] != (28, 28) or len(images) != len(labels):
-                raise DataError(f"MNIST {name} files under {raw} disagree: {len(images)} images but {len(labels)} "
-                                f"labels, images of shape {tuple(images.shape[1:])} (expected 28x28). Replace them "
-                                "with the official files.")
-            _check_labels(labels, raw / f"{name}-labels-idx1-ubyte")
-        _CACHE[key] = MnistArrays(*parts["train"], *parts["t10k"])
+        train = _torchvision_mnist(root, train=True, download=download)
+        test = _torchvision_mnist(root, train=False, download=download)
+        for name, part in (("train", train), ("t10k", test)):
+            if part.data.shape[1:] != (28, 28) or len(part.data) != len(part.targets):
+                raise DataError(f"MNIST {name} files under {Path(part.raw_folder).absolute()} disagree: "
+                                f"{len(part.data)} images but {len(part.targets)} labels, images of shape "
+                                f"{tuple(part.data.shape[1:])} (expected 28x28). Replace them with the official "
+                                "files.")
+            _check_labels(part.targets, Path(part.raw_folder).absolute() / f"{name}-labels-idx1-ubyte")
+        _CACHE[key] = MnistArrays(train.data, train.targets, test.data, test.targets)
     return _CACHE[key]
-
-
-def _read_raw(raw: Path, name: str) -> tuple[Tensor, Tensor]:
-    """(uint8 images, int64 labels) of one part ('train', 't10k'), as torchvision's MNIST reads them, without
-    importing torchvision: that import alone is a second and a half of a worker's wait for its first trial."""
-    try:
-        return (_read_idx(raw / f"{name}-images-idx3-ubyte", IDX_MAGIC["images"]),
-                _read_idx(raw / f"{name}-labels-idx1-ubyte", IDX_MAGIC["labels"]).long())
-    except (OSError, ValueError) as e:
-        header = _header_problem(raw)
-        if header:
-            raise DataError(header) from None
-        raise DataError(f"MNIST files under {raw} could not be read ({one_line(e)}). They may be truncated or "
-                        "corrupt: compare their md5 with the official ones, or delete them and download "
-                        "again.") from None
-
-
-def _read_idx(path: Path, magic: int) -> Tensor:
-    """An IDX file of unsigned bytes: the magic number, one big-endian int32 per dimension, then the bytes."""
-    data = bytearray(path.read_bytes())  # writable: torch.frombuffer shares it without a copy or a warning
-    dims = magic & 0xFF
-    if len(data) < 4 + 4 * dims or int.from_bytes(data[:4], "big") != magic:
-        raise ValueError(f"{path.name} is not an IDX file of {dims} dimension(s)")
-    shape = struct.unpack(f">{dims}I", data[4:4 + 4 * dims])
-    if len(data) - 4 - 4 * dims != math.prod(shape):
-        raise ValueError(f"{path.name} holds {len(data) - 4 - 4 * dims} bytes of data, its header says "
-                         f"{'x'.join(map(str, shape))} = {math.prod(shape)}")
-    return torch.frombuffer(data, dtype=torch.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
 def _check_labels(labels: Tensor, path: Path) -> None:
