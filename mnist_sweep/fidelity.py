@@ -123,6 +123,10 @@ CANDIDATES = {
         "_target_": "optuna.pruners.SuccessiveHalvingPruner", "min_resource": 3, "reduction_factor": 3},
     "successive halving, rungs 2 4 8, factor 2": {
         "_target_": "optuna.pruners.SuccessiveHalvingPruner", "min_resource": 2, "reduction_factor": 2},
+    "successive halving, rungs 3 6, factor 2": {
+        "_target_": "optuna.pruners.SuccessiveHalvingPruner", "min_resource": 3, "reduction_factor": 2},
+    "successive halving, rungs 4 8, factor 2": {
+        "_target_": "optuna.pruners.SuccessiveHalvingPruner", "min_resource": 4, "reduction_factor": 2},
     "hyperband 1-9, factor 3": {
         "_target_": "optuna.pruners.HyperbandPruner", "min_resource": 1, "max_resource": 9, "reduction_factor": 3},
     "median after 4 trials, from epoch 3": {
