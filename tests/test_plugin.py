@@ -240,4 +240,4 @@ def test_a_timeout_ends_the_sweep_and_resume_continues_the_time_budget(tmp_path)
 def test_a_timeout_stops_local_workers_cleanly(tmp_path):
     """The deadline reaches local worker processes: they start no trial after it, stop the running ones at their
     next step, and the sweep ends with exit 0 (its start-up counts: the workers import first)."""
-    timeout_sweep(tmp_path, 15, local=True)
+    timeout_sweep(tmp_path, 30, local=True)
