@@ -203,16 +203,19 @@ def test_upstream_defaults_need_no_settings_at_all(tmp_path):
     assert abs(best["best_params"]["x"] - 1) < 1.5  # TPE found the bowl's bottom, x = 1, roughly
 
 
-def timeout_sweep(tmp_path, timeout, local):
-    app = make_app(tmp_path, n_trials=None, timeout=timeout, total_budget=True, n_jobs=2 if local else 1,
-                   local_workers=local, params={"x": "interval(-5.0, 5.0)", "y": "choice(0)"})
+def timeout_sweep(tmp_path, timeout, local, steps, sleep, *extra):
+    """A sweep that only its timeout ends, of trials of `steps` steps of `sleep` seconds: the trials' length,
+    against the timeout, decides which trial the deadline finds running (it stops at its next step)."""
+    app = tmp_path if (tmp_path / "app.py").exists() else make_app(
+        tmp_path, n_trials=None, timeout=timeout, total_budget=True, n_jobs=2 if local else 1, local_workers=local,
+        params={"x": "interval(-5.0, 5.0)", "y": "choice(0)"})
     started = time.time()
-    result = sweep(app, "+sleep=0.25", "steps=4")
+    result = sweep(app, f"+sleep={sleep}", f"steps={steps}", *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     done = trials(app)
     assert {t.state for t in done} <= {TrialState.COMPLETE, TrialState.PRUNED}  # nothing RUNNING, nothing FAILed
     stopped = [t for t in done if "time budget" in t.user_attrs.get("end_reason", "")]
-    assert stopped and all(len(t.intermediate_values) < 4 for t in stopped), (result.stderr[-3000:], done)
+    assert stopped and all(len(t.intermediate_values) < steps for t in stopped), (result.stderr[-3000:], done)
     assert (app / "multirun" / "optimization_results.yaml").is_file()
     return app, done, time.time() - started
 
@@ -220,24 +223,25 @@ def timeout_sweep(tmp_path, timeout, local):
 def test_a_timeout_ends_the_sweep_and_resume_continues_the_time_budget(tmp_path):
     """hydra.sweeper.timeout alone: at the deadline no trial starts, the running ones stop at their next step
     (PRUNED, with the reason), the results are still written; the same command then says the time is used, and a
-    larger timeout runs only the difference."""
+    larger timeout runs only the difference. Trials of 4 s against 7 s: the first completes, the second is the one
+    the deadline stops."""
     from mnist_sweep.study import time_spent
 
-    app, done, took = timeout_sweep(tmp_path, 4, local=False)
-    assert any(t.state == TrialState.COMPLETE for t in done)
+    app, done, took = timeout_sweep(tmp_path, 7, False, 8, 0.5)
+    assert [t.state for t in done] == [TrialState.COMPLETE, TrialState.PRUNED]
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{app / 'optuna.db'}")
-    assert 4 <= time_spent(study.user_attrs) <= took
-    again = sweep(app, "+sleep=0.25", "steps=4")
+    assert 7 <= time_spent(study.user_attrs) <= took
+    again = sweep(app, "+sleep=0.5", "steps=8")
     assert again.returncode == 0 and "has used its time budget" in again.stdout + again.stderr
     assert len(trials(app)) == len(done)  # no trial started
-    more = sweep(app, "+sleep=0.25", "steps=4", "hydra.sweeper.timeout=8")
-    assert more.returncode == 0, more.stderr[-3000:]
-    assert len(trials(app)) > len(done)
+    _, more, _ = timeout_sweep(app, 14, False, 8, 0.5, "hydra.sweeper.timeout=14")
+    assert len(more) == 4
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{app / 'optuna.db'}")
-    assert 8 <= time_spent(study.user_attrs) < 8 + 5  # the 4 s it had left, and the stop of its last trial
+    assert 14 <= time_spent(study.user_attrs) < 14 + 3  # the 7 s it had left, and the stop of its last trial
 
 
 def test_a_timeout_stops_local_workers_cleanly(tmp_path):
     """The deadline reaches local worker processes: they start no trial after it, stop the running ones at their
-    next step, and the sweep ends with exit 0 (its start-up counts: the workers import first)."""
-    timeout_sweep(tmp_path, 30, local=True)
+    next step, and the sweep ends with exit 0. Their trials (60 s) outlast the timeout (30 s), so the deadline finds
+    the first trial of every worker that started running (their start-up counts: they import first)."""
+    timeout_sweep(tmp_path, 30, True, 600, 0.1)
