@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import tracking
 from .config import CONFIG_PATH, build_recording, build_spec
 from .errors import ConfigError, Terminated, UserError
-from .redact import has_literal_password, mask_secrets
+from hydra_plugins.hydra_optuna_pruning_sweeper import has_literal_password, mask_secrets
 
 if TYPE_CHECKING:
     from .train import RunSpec

@@ -153,7 +153,7 @@ def curves_of(folders: Sequence[Path]) -> list[list[float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .study import build_pruner
+    from hydra_plugins.hydra_optuna_pruning_sweeper import build_pruner
 
     ap = argparse.ArgumentParser(prog="python -m mnist_sweep.fidelity", description=__doc__.split("\n\n")[0])
     ap.add_argument("folders", nargs="+", type=Path, help="sweep-benchmark study folders of unpruned studies")

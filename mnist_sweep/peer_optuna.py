@@ -60,7 +60,7 @@ def work(plan: PeerPlan, folder: Path, index: int, deadline: float) -> None:
 def objective(trial, plan: PeerPlan, log: Path, stop: list[BaseException]) -> float:
     import optuna
 
-    from .study import suggest
+    from hydra_plugins.hydra_optuna_pruning_sweeper import suggest
     from .train import fit
 
     suggest(trial, plan.distributions)

@@ -30,7 +30,7 @@ class PeerPlan:
 def make_plan(user: Sequence[str], seed: int, cores: int) -> PeerPlan:
     """The plan for `python -m mnist_sweep --multirun USER` as ours would run it; ConfigError on bad overrides."""
     from .config import compose_spec, compose_sweep
-    from .sweeper import space_from_overrides
+    from hydra_plugins.hydra_optuna_pruning_sweeper import space_from_overrides
 
     space = compose_sweep(list(user))
     if space.optimized_metric != (METRIC,):
@@ -75,7 +75,7 @@ def tpe_sampler(plan: PeerPlan, seed: int):
 
 
 def optuna_pruner(plan: PeerPlan):
-    from .study import build_pruner
+    from hydra_plugins.hydra_optuna_pruning_sweeper import build_pruner
 
     return build_pruner(json.dumps(plan.pruner))
 

@@ -132,7 +132,7 @@ def load_model(client, run_id: str | None, model_name: str | None, storage: str)
         return LoadedModel(*registry.load_registered_model(client, model_name, version.version),
                            source=f"models:/{model_name}/{version.version}")
     from .report import best_trial, open_existing_study
-    from .study import RUN_ID_ATTR
+    from hydra_plugins.hydra_optuna_pruning_sweeper import RUN_ID_ATTR
 
     try:
         study = open_existing_study(storage, None)

@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from . import tracking
 from .config import Recording, logged_spec
 from .errors import DataError, Terminated, UserError, one_line
-from .redact import mask_secrets
+from hydra_plugins.hydra_optuna_pruning_sweeper import mask_secrets
 from .run import train_and_record
 
 log = logging.getLogger("mnist_sweep")

@@ -21,10 +21,12 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from . import artifacts, results, study as studies, tracking
+import hydra_plugins.hydra_optuna_pruning_sweeper as sweeper
+
+from . import artifacts, tracking
 from .data import background, default_root, load_mnist, normalize
 from .errors import ConfigError, UserError, one_line
-from .locks import sqlite_file
+
 from .train import class_probs, confusion_matrix
 
 STATE_ORDER = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1, TrialState.RUNNING: 2, TrialState.FAIL: 3,
@@ -102,23 +104,23 @@ def study_figures(study: optuna.Study, metrics: Sequence[str]) -> dict[str, Any]
 
     # Optuna's plots switch the whole process to ggplot style: keep it to them (a grid through the confusion matrix)
     with matplotlib.rc_context():
-        figures = results.history_figures(study)
+        figures = sweeper.history_figures(study)
         extra: dict[str, Any] = {"intermediate_values.png": ovm.plot_intermediate_values}
         if len(study.directions) == 1:
             extra["parallel_coordinate.png"] = partial(ovm.plot_parallel_coordinate, target_name=metrics[0])
         else:  # Optuna needs one target: the first objective
             extra["parallel_coordinate.png"] = partial(ovm.plot_parallel_coordinate, target=lambda t: t.values[0],
                                                        target_name=metrics[0])
-        figures.update(results.optuna_figures(study, extra, size=(10, 5)))
+        figures.update(sweeper.optuna_figures(study, extra, size=(10, 5)))
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return results.tidy_figures(figures, metrics[0], len(completed), sorted({p for t in completed for p in t.params}))
+    return sweeper.tidy_figures(figures, metrics[0], len(completed), sorted({p for t in completed for p in t.params}))
 
 
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
     """The best trial, or for several objectives the Pareto-optimal one best in the first."""
-    best = results.best_trials(study)
+    best = sweeper.best_trials(study)
     if not best:
         return None
     maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
@@ -234,11 +236,11 @@ def latest_study(storage) -> str:
 
 def open_existing_study(storage_url: str, name: str | None) -> optuna.Study:
     """Load a study; a missing SQLite file or study name is a UserError that says what exists."""
-    database = sqlite_file(storage_url)
+    database = sweeper.sqlite_file(storage_url)
     if database is not None and not database.is_file():
         raise UserError(f"--storage {storage_url}: no such SQLite file (run a sweep here first, or point "
                         "--storage at its outputs/optuna.db)")
-    storage = studies.make_storage(storage_url)
+    storage = sweeper.make_storage(storage_url)
     name = name or latest_study(storage)
     try:
         return optuna.load_study(study_name=name, storage=storage)
@@ -282,14 +284,14 @@ def parent_run(client, run_id: str, study_name: str):
 def write_report(study: optuna.Study, client, out: Path, data_root: str | None, top: int = 15):
     """Build everything, write the PNGs and report.html under `out`, log them to the parent run.
     Returns (leaderboard rows, metric names, facts, paths of the written files)."""
-    parent_id = study.user_attrs.get(studies.PARENT_RUN_ATTR)
+    parent_id = study.user_attrs.get(sweeper.PARENT_RUN_ATTR)
     parent = parent_run(client, parent_id, study.study_name) if parent_id else None
     objectives = parent.data.params.get(tracking.OPTIMIZED_METRIC_PARAM, "") if parent else ""
     metrics = [m for m in objectives.split(",") if m]
     if len(metrics) != len(study.directions):
         metrics = [f"objective {i}" for i in range(len(study.directions))]
     rows = leaderboard(study, top)
-    counts = {k: v for k, v in studies.state_counts(study).items() if v}
+    counts = {k: v for k, v in sweeper.state_counts(study).items() if v}
     facts = {"study": study.study_name, "directions": ", ".join(d.name.lower() for d in study.directions),
              "trials": ", ".join(f"{k} {v}" for k, v in counts.items())}
     if parent_id:
@@ -299,7 +301,7 @@ def write_report(study: optuna.Study, client, out: Path, data_root: str | None, 
     if best is not None:
         facts["best trial"] = f"#{best.number}: " + ", ".join(f"{m} {_fmt(v)}" for m, v in zip(metrics, best.values))
         facts["best params"] = ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items())
-        run_id = best.user_attrs.get(studies.RUN_ID_ATTR)
+        run_id = best.user_attrs.get(sweeper.RUN_ID_ATTR)
         if run_id and data_root is not None:
             scores, model_figs = evaluate_run_model(client, run_id, data_root)
             facts["best model on the test set"] = (f"accuracy {scores['test/acc']:.4f} "

@@ -12,8 +12,7 @@ import optuna
 
 from . import artifacts, machine, startup, tracking
 from .config import SOURCE, Recording
-from .redact import mask_secrets
-from .study import current_trial
+from hydra_plugins.hydra_optuna_pruning_sweeper import current_trial, mask_secrets
 from .train import RunSpec, confusion_matrix, evaluate, fit, objective_values, prepare
 
 log = logging.getLogger("mnist_sweep")

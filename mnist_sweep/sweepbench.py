@@ -77,7 +77,7 @@ def override_keys(overrides: Iterable[str]) -> set[str]:
 def space_overrides(params: dict[str, str], fixed_by_user: set[str]) -> list[str]:
     """The space's params as upstream's command-line sweeps, less the keys the user's overrides fix (a group, or
     the key itself): our sweeper leaves those out of its space the same way, so both search the same space."""
-    from .sweeper import set_by
+    from hydra_plugins.hydra_optuna_pruning_sweeper import set_by
 
     return [f"{k}={v}" for k, v in params.items() if not set_by(k, fixed_by_user)]
 
@@ -227,7 +227,7 @@ class Run:
 def read_trials(storage_url: str, name: str, started: float) -> list[Trial]:
     import optuna
 
-    from .study import RUN_ID_ATTR
+    from hydra_plugins.hydra_optuna_pruning_sweeper import RUN_ID_ATTR
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:

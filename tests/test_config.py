@@ -57,7 +57,7 @@ def test_every_search_space_composes_and_parses(space):
 
     cfg = compose_config(f"hparams_search={space}", hydra=True)
     sweeper = cfg.hydra.sweeper
-    assert sweeper._target_ == "mnist_sweep.sweeper.OptunaPruningSweeper" and sweeper.space_name == space
+    assert sweeper._target_ == "hydra_plugins.hydra_optuna_pruning_sweeper.optuna_pruning_sweeper.OptunaPruningSweeper" and sweeper.space_name == space
     distributions, fixed, _ = create_params_from_overrides([f"{k}={v}" for k, v in sweeper.params.items()])
     assert len(distributions) >= 6
     for key in [*distributions, *fixed]:
@@ -141,7 +141,7 @@ def test_slurm_launcher_composes():
                         reason="hydra-submitit-launcher is not installed (pip install hydra-submitit-launcher)")
     cfg = compose_config("hydra/launcher=slurm", "storage=postgres", hydra=True)
     launcher = cfg.hydra.launcher
-    assert launcher._target_ == "mnist_sweep.slurm.SlurmLauncher"
+    assert launcher._target_ == "hydra_plugins.hydra_optuna_pruning_sweeper._slurm.SlurmLauncher"
     assert launcher.cpus_per_task == 4 and launcher.timeout_min == 60 and launcher.partition is None
     assert launcher.submitit_folder.endswith("/.submitit/%j")
 
@@ -155,7 +155,7 @@ def test_every_pruner_option_builds_as_a_trial_builds_it(name):
     max_resource='auto' is a string where Optuna takes one)."""
     import json
 
-    from mnist_sweep.study import build_pruner
+    from hydra_plugins.hydra_optuna_pruning_sweeper import build_pruner
 
     cfg = compose_config(f"hydra/sweeper/pruner={name}", hydra=True)
     spec = json.dumps(OmegaConf.to_container(cfg.hydra.sweeper.pruner, resolve=True))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from filelock import Timeout
 
-from mnist_sweep import locks
+from hydra_plugins.hydra_optuna_pruning_sweeper import _locks as locks
 
 PACKAGE = Path(locks.__file__).resolve().parent
 UNIX_ONLY = {"fcntl", "termios", "tty", "pty", "pwd", "grp", "resource", "posix"}  # absent from Windows' Python
@@ -33,7 +33,7 @@ def test_a_killed_holder_releases_the_file_lock(tmp_path):
     """Another process takes the lock and is SIGKILLed while holding it: the lock is free at once."""
     database = tmp_path / "optuna.db"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from mnist_sweep import locks\n"
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from hydra_plugins.hydra_optuna_pruning_sweeper import _locks as locks\n"
                                f"with locks.file_lock(Path({str(database)!r})): print('held', flush=True); "
                                "time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)

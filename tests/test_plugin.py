@@ -22,7 +22,7 @@ APP = '''
 import time
 
 import hydra
-from mnist_sweep.study import current_trial
+from hydra_plugins.hydra_optuna_pruning_sweeper import current_trial
 
 
 @hydra.main(config_path=".", config_name="config")
@@ -225,7 +225,6 @@ def test_a_timeout_ends_the_sweep_and_resume_continues_the_time_budget(tmp_path)
     (PRUNED, with the reason), the results are still written; the same command then says the time is used, and a
     larger timeout runs only the difference. Trials of 4 s against 7 s: the first completes, the second is the one
     the deadline stops."""
-    from mnist_sweep.study import time_spent
 
     app, done, took = timeout_sweep(tmp_path, 7, False, 8, 0.5)
     assert [t.state for t in done] == [TrialState.COMPLETE, TrialState.PRUNED]

@@ -11,7 +11,8 @@ import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from conftest import run_cli
-from mnist_sweep import artifacts, registry, report, results, tracking
+from hydra_plugins.hydra_optuna_pruning_sweeper import _results as results
+from mnist_sweep import artifacts, registry, report, tracking
 from mnist_sweep.errors import ConfigError
 
 LONG_NAMES = {"model.conv1_channels": CategoricalDistribution([8, 16, 32]), "model.dropout": FloatDistribution(0.1, 0.6),

@@ -18,7 +18,8 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import REPO, cli_args, free_port, mlflow_runs, run_cli
-from mnist_sweep import study as sweep
+from hydra_plugins.hydra_optuna_pruning_sweeper._names import WORKER_ATTR
+from hydra_plugins.hydra_optuna_pruning_sweeper._study import counted_trials
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
                     reason="hydra-submitit-launcher is not installed (pip install hydra-submitit-launcher)")
@@ -95,7 +96,7 @@ def test_a_sweep_through_slurm_runs_each_trial_as_a_job_prunes_and_nests_its_run
                                 "+hydra.sweeper.pruner.lower=0.3"), cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     study = load(tmp_path)
-    assert len(study.trials) == 4 and len(sweep.counted_trials(study)) == 4  # exactly n_trials, none retried
+    assert len(study.trials) == 4 and len(counted_trials(study)) == 4  # exactly n_trials, none retried
     hopeless = [t for t in study.trials if t.params["optimizer.lr"] == 1e-6]
     assert hopeless, [t.params for t in study.trials]
     # stopped at epoch 1 of 2, in its job; the others trained both epochs
@@ -158,7 +159,7 @@ def test_a_cancelled_job_and_one_out_of_time_fail_their_trials_whose_parameters_
     assert all(len(t.intermediate_values) < 50 for t in failed)  # stopped mid-training
     assert sorted(t.system_attrs.get("failed_trial") for t in retries) == [0, 1]
     assert all(r.params == study.trials[r.system_attrs["failed_trial"]].params for r in retries)
-    assert len(sweep.counted_trials(study)) == 2
+    assert len(counted_trials(study)) == 2
     parent, children = runs_by_trial(tmp_path)
     assert all(children[t.number].info.status == "KILLED" and children[t.number].data.tags["trial_state"] == "FAIL"
                for t in failed)
@@ -198,10 +199,10 @@ def test_worker_jobs_from_the_sbatch_script_share_one_study_and_its_budget(tmp_p
     assert jobs == {f"{array}_0": "COMPLETED", f"{array}_1": "COMPLETED"}, (jobs, logs)
     assert sorted(p.name for p in (tmp_path / "outputs" / "workers" / array).iterdir()) == ["0", "1"]
     study = load(tmp_path)
-    assert len(study.trials) == n_trials and len(sweep.counted_trials(study)) == n_trials
+    assert len(study.trials) == n_trials and len(counted_trials(study)) == n_trials
     assert all(t.state == TrialState.COMPLETE for t in study.trials), [(t.number, t.state) for t in study.trials]
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == n_trials
-    assert len({t.user_attrs[sweep.WORKER_ATTR] for t in study.trials}) == 2, logs  # both workers trained
+    assert len({t.user_attrs[WORKER_ATTR] for t in study.trials}) == 2, logs  # both workers trained
     parent, children = runs_by_trial(tmp_path)
     assert sorted(children) == list(range(n_trials)) and parent.info.status == "FINISHED"
     assert all(c.info.status == "FINISHED" for c in children.values())
@@ -247,8 +248,8 @@ class FakeJob:
 
 
 def job_outcome(job):
-    from mnist_sweep.slurm import job_return
-    from mnist_sweep.sweeper import outcome
+    from hydra_plugins.hydra_optuna_pruning_sweeper._outcome import outcome
+    from hydra_plugins.hydra_optuna_pruning_sweeper._slurm import job_return
 
     return outcome(job_return(job, ["x=1"]), 1)
 
@@ -294,7 +295,7 @@ def test_an_interrupted_launch_cancels_its_jobs(tmp_path, monkeypatch):
     import submitit
     from omegaconf import OmegaConf
 
-    from mnist_sweep.slurm import SlurmLauncher
+    from hydra_plugins.hydra_optuna_pruning_sweeper._slurm import SlurmLauncher
 
     jobs = [FakeJob(error=KeyboardInterrupt()), FakeJob(error=KeyboardInterrupt())]
     submitted = {}
@@ -326,7 +327,7 @@ def test_an_interrupted_launch_cancels_its_jobs(tmp_path, monkeypatch):
 
 def test_slurm_commands_missing_is_one_error_naming_the_launcher(monkeypatch, tmp_path):
     from mnist_sweep.errors import UserError
-    from mnist_sweep.slurm import check_cluster
+    from hydra_plugins.hydra_optuna_pruning_sweeper._slurm import check_cluster
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol there
     with pytest.raises(UserError, match=r"^hydra/launcher=slurm needs SLURM's commands \(scontrol, sbatch, sacct\)"):

@@ -1,16 +1,23 @@
 """The sweeper's pieces in-process, no CLI: the search space against the command line, the values a job
 returns, the best trial's recipe, the grid, every advertised sampler, the settings, names and secrets."""
 
+import numpy as np
 import optuna
 import pytest
 import yaml
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from mnist_sweep import results, study as sweep
-from mnist_sweep.errors import ConfigError
-from mnist_sweep.redact import has_literal_password, mask_secrets
-from mnist_sweep.sweeper import OptunaPruningSweeper, check_settings, grid_choices, objective_values, recipe, retry_once
+from hydra_plugins.hydra_optuna_pruning_sweeper import _results as results
+from hydra_plugins.hydra_optuna_pruning_sweeper._errors import ConfigError
+from hydra_plugins.hydra_optuna_pruning_sweeper._redact import has_literal_password, mask_secrets
+from hydra_plugins.hydra_optuna_pruning_sweeper._outcome import objective_values
+from hydra_plugins.hydra_optuna_pruning_sweeper._space import grid_choices, recipe
+from hydra_plugins.hydra_optuna_pruning_sweeper._sweeper import SweepRun as OptunaPruningSweeper, check_settings, retry_once
+from hydra_plugins.hydra_optuna_pruning_sweeper._clock import SweepClock, time_spent, union_seconds
+from hydra_plugins.hydra_optuna_pruning_sweeper._names import STORAGE_ENV
+from hydra_plugins.hydra_optuna_pruning_sweeper._study import budget_used, check_study_name, claim_trials, make_storage, open_study, suggest
+from hydra_plugins.hydra_optuna_pruning_sweeper._trial import TrialRef, build_pruner, current_trial
 
 
 
@@ -57,12 +64,16 @@ def test_a_value_fixed_on_the_command_line_replaces_its_space_entry():
 
 
 @pytest.mark.parametrize("returned, n, expected", [
-    (0.5, 1, [0.5]), (1, 1, [1.0]), ([0.5, 3], 2, [0.5, 3.0]),
-    (None, 1, "expected a number"), ("abc", 1, "expected a number"), (True, 1, "expected a number"),
-    ([0.5], 2, "a list of 2 numbers"), (float("nan"), 1, "not finite"),
+    (0.5, 1, [0.5]), (1, 1, [1.0]), ([0.5, 3], 2, [0.5, 3.0]), (True, 1, [1.0]), ("0.25", 1, [0.25]),
+    # what numpy and torch return: upstream takes anything float() converts, and so does this plugin
+    (np.float32(0.5), 1, [0.5]), (np.int64(3), 1, [3.0]), (np.array(0.75), 1, [0.75]),
+    ((np.float64(1.0), np.array(2)), 2, [1.0, 2.0]),
+    (None, 1, "trial 7: the job returned 'None' of type NoneType, which float() cannot convert; return a number"),
+    ("abc", 1, "of type str, which float() cannot convert"), (np.zeros(3), 1, "of type ndarray"),
+    ([0.5], 2, "expected a list of 2 numbers"), (float("nan"), 1, "not finite"),
 ])
 def test_what_a_job_returns_becomes_values_or_a_reason(returned, n, expected):
-    got = objective_values(returned, n)
+    got = objective_values(returned, n, trial_number=7)
     assert got == expected if isinstance(expected, list) else expected in got
 
 
@@ -118,7 +129,7 @@ def test_every_advertised_sampler_builds_and_proposes_trials(name):
     study = optuna.create_study(sampler=sampler, directions=["minimize", "minimize"] if name == "nsgaii" else None)
     for _ in range(n_trials):
         trial = study.ask()
-        sweep.suggest(trial, distributions)
+        suggest(trial, distributions)
         study.tell(trial, [trial.params["y"]] * len(study.directions))
     assert len(study.trials) == n_trials and all(t.state == TrialState.COMPLETE for t in study.trials)
 
@@ -135,11 +146,11 @@ class BrokenSampler(optuna.samplers.RandomSampler):
 
 
 def test_a_failing_sampler_leaves_no_trial_running(tmp_path):
-    storage = sweep.make_storage(f"sqlite:///{tmp_path / 'o.db'}")
-    study = sweep.open_study(storage, "s", ["maximize"], BrokenSampler())
+    storage = make_storage(f"sqlite:///{tmp_path / 'o.db'}")
+    study = open_study(storage, "s", ["maximize"], BrokenSampler())
     space = {"x": optuna.distributions.FloatDistribution(0, 1)}
     with pytest.raises(ConfigError, match="sampler could not propose a trial: ImportError"):
-        sweep.claim_trials(study, storage, 3, 1, lambda s: None, lambda t: sweep.suggest(t, space))
+        claim_trials(study, storage, 3, 1, lambda s: None, lambda t: suggest(t, space))
     (trial,) = study.trials
     assert trial.state == TrialState.FAIL and "somepackage" in trial.user_attrs["fail_reason"]
 
@@ -152,18 +163,18 @@ def test_an_interrupted_trial_is_queued_again_once(tmp_path):
     retry_once(study, trial.number)  # a second interruption of the same trial queues nothing more
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert len(waiting) == 1 and waiting[0].params == trial.params
-    assert sweep.budget_used(study) == 0  # the retry stands in for the interrupted trial
+    assert budget_used(study) == 0  # the retry stands in for the interrupted trial
 
 
 @pytest.mark.parametrize("name", ["../../x", "/tmp/x", "a/b", "..", "", "-x", "a" * 101, "x y"])
 def test_a_study_name_is_a_name_not_a_path(name):
     with pytest.raises(ConfigError, match="is not allowed"):
-        sweep.check_study_name(name)
+        check_study_name(name)
 
 
 def test_ordinary_study_names_pass():
     for name in ("default-3f2a9c1b", "pruned12", "my_study.v2"):
-        assert sweep.check_study_name(name) == name
+        assert check_study_name(name) == name
 
 
 def test_url_passwords_are_masked_wherever_they_appear():
@@ -179,25 +190,25 @@ def test_a_written_out_password_is_told_apart_from_one_resolved_at_run_time():
 
 
 def test_the_trial_identity_travels_in_the_environment_without_the_storage_secret():
-    ref = sweep.TrialRef("postgresql://u:pw@h/d", "s", 3, '{"_target_": "optuna.pruners.MedianPruner"}')
+    ref = TrialRef("postgresql://u:pw@h/d", "s", 3, '{"_target_": "optuna.pruners.MedianPruner"}')
     env = ref.job_env()
-    assert "pw" not in " ".join(env.values()) and sweep.STORAGE_ENV not in env
-    assert sweep.TrialRef.from_env({**env, **ref.sweep_env()}) == ref
-    assert sweep.TrialRef.from_env({}) is None
+    assert "pw" not in " ".join(env.values()) and STORAGE_ENV not in env
+    assert TrialRef.from_env({**env, **ref.sweep_env()}) == ref
+    assert TrialRef.from_env({}) is None
 
 
 def test_outside_a_sweep_current_trial_reports_nowhere():
-    trial = sweep.current_trial({})
+    trial = current_trial({})
     trial.report(0.5, step=1)  # no study, no error: the same training code runs alone
     assert trial.number is None
 
 
 def test_a_pruner_spec_builds_only_optuna_pruners():
-    assert isinstance(sweep.build_pruner("{}"), optuna.pruners.NopPruner)
-    assert isinstance(sweep.build_pruner('{"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 2}'),
+    assert isinstance(build_pruner("{}"), optuna.pruners.NopPruner)
+    assert isinstance(build_pruner('{"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 2}'),
                       optuna.pruners.MedianPruner)
     with pytest.raises(ConfigError, match="is not allowed: use optuna.pruners"):
-        sweep.build_pruner('{"_target_": "os.system"}')
+        build_pruner('{"_target_": "os.system"}')
 
 
 def test_a_timeout_alone_may_end_a_sweep_without_n_trials():
@@ -206,15 +217,15 @@ def test_a_timeout_alone_may_end_a_sweep_without_n_trials():
 
 
 def test_the_time_a_study_has_spent_counts_overlapping_workers_once():
-    assert sweep.union_seconds([]) == 0
-    assert sweep.union_seconds([(0, 10), (5, 12), (20, 21)]) == 13  # two workers at once, then a resume
-    assert sweep.union_seconds([(0, 10), (2, 3)]) == 10
+    assert union_seconds([]) == 0
+    assert union_seconds([(0, 10), (5, 12), (20, 21)]) == 13  # two workers at once, then a resume
+    assert union_seconds([(0, 10), (2, 3)]) == 10
     attrs = {"sweep_time:a": [100.0, 160.0], "sweep_time:b": [130.0, 170.0], "mlflow_parent_run_id": "x"}
-    assert sweep.time_spent(attrs) == 70
-    clock = sweep.SweepClock.start(timeout=100, spent_before=70, now=1000.0)
+    assert time_spent(attrs) == 70
+    clock = SweepClock.start(timeout=100, spent_before=70, now=1000.0)
     assert clock.deadline == 1030.0 and not clock.past(1029.9) and clock.past(1030.0)
-    assert sweep.SweepClock.start(timeout=None, spent_before=70).deadline is None
-    assert not sweep.SweepClock.start(timeout=None, spent_before=0).past()
+    assert SweepClock.start(timeout=None, spent_before=70).deadline is None
+    assert not SweepClock.start(timeout=None, spent_before=0).past()
 
 
 def test_a_report_past_the_deadline_stops_the_trial_but_never_its_last_step(tmp_path):
@@ -223,12 +234,12 @@ def test_a_report_past_the_deadline_stops_the_trial_but_never_its_last_step(tmp_
     url = f"sqlite:///{tmp_path / 'o.db'}"
     study = optuna.create_study(study_name="s", storage=url)
     trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
-    ref = sweep.TrialRef(url, "s", trial.number, "{}", deadline=time.time() - 1)
-    assert sweep.TrialRef.from_env({**ref.job_env(), **ref.sweep_env()}) == ref  # the deadline travels too
-    report = sweep.current_trial({**ref.job_env(), **ref.sweep_env()})
+    ref = TrialRef(url, "s", trial.number, "{}", deadline=time.time() - 1)
+    assert TrialRef.from_env({**ref.job_env(), **ref.sweep_env()}) == ref  # the deadline travels too
+    report = current_trial({**ref.job_env(), **ref.sweep_env()})
     with pytest.raises(optuna.TrialPruned, match=r"stopped at step 2 .*time budget \(hydra.sweeper.timeout\)"):
         report.report(0.5, step=2)
     report.report(0.7, step=3, last=True)  # the work is done: recorded, not thrown away
     assert study.trials[0].intermediate_values == {2: 0.5, 3: 0.7}
-    in_time = sweep.TrialRef(url, "s", trial.number, "{}", deadline=time.time() + 60)
-    sweep.current_trial({**in_time.job_env(), **in_time.sweep_env()}).report(0.8, step=4)  # no stop before it
+    in_time = TrialRef(url, "s", trial.number, "{}", deadline=time.time() + 60)
+    current_trial({**in_time.job_env(), **in_time.sweep_env()}).report(0.8, step=4)  # no stop before it

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from hydra_plugins.hydra_optuna_pruning_sweeper import _tracking
 from mnist_sweep import artifacts, tracking
 from mnist_sweep.errors import UserError
 from mnist_sweep.model import ModelConfig, build_model
@@ -45,7 +46,7 @@ def test_a_write_is_retried_while_the_store_is_locked():
 
 
 def test_a_lock_held_past_the_wait_is_one_clear_error(monkeypatch):
-    monkeypatch.setattr(tracking, "LOCK_WAIT_S", 0.5)
+    monkeypatch.setattr(_tracking, "LOCK_WAIT_S", 0.5)  # the sweeper plugin's, which retry_locked reads
 
     def write():
         raise locked_error()

@@ -23,9 +23,11 @@ from optuna.trial import TrialState
 
 from conftest import REPO, cli_args, free_port, mlflow_runs, run_cli
 from conftest import mlflow_server as start_mlflow_server
-from mnist_sweep import study as sweep
 from mnist_sweep.errors import Terminated
-from mnist_sweep.local_workers import LocalWorker, Workers, worker_command, worker_env
+from hydra_plugins.hydra_optuna_pruning_sweeper._local_workers import LocalWorker, Workers, worker_command, worker_env
+from hydra_plugins.hydra_optuna_pruning_sweeper._names import FAIL_REASON_ATTR, STORAGE_ENV, WORKER_ATTR
+from hydra_plugins.hydra_optuna_pruning_sweeper._study import claim_lock, counted_trials, make_storage
+from hydra_plugins.hydra_optuna_pruning_sweeper._trial import TrialRef, TrialReport
 
 PG = os.environ.get("MNIST_SWEEP_TEST_PG")
 needs_pg = pytest.mark.skipif(not PG, reason="no PostgreSQL: set MNIST_SWEEP_TEST_PG=postgresql://user@host:port "
@@ -90,10 +92,10 @@ def run_workers(n: int, tmp_path, mnist_root, storage: str, *extra: str) -> tupl
 
 def assert_exact_budget(study: optuna.Study, n_trials: int) -> None:
     """n_trials counted trials, all finished, none run twice: distinct numbers and distinct params."""
-    counted = sweep.counted_trials(study)
+    counted = counted_trials(study)
     assert len(counted) == n_trials, [(t.number, t.state) for t in study.trials]
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in counted), \
-        [(t.number, t.state.name, t.user_attrs.get(sweep.FAIL_REASON_ATTR)) for t in study.trials]
+        [(t.number, t.state.name, t.user_attrs.get(FAIL_REASON_ATTR)) for t in study.trials]
     assert TrialState.RUNNING not in [t.state for t in study.trials]
     assert len({t.number for t in counted}) == n_trials
     assert len({tuple(sorted(t.params.items())) for t in counted}) == n_trials
@@ -124,7 +126,7 @@ def test_three_workers_share_one_study_and_its_budget_exactly(tmp_path, mnist_ro
     study = optuna.load_study(study_name="s", storage=pg_url)
     assert_exact_budget(study, n_trials)
     assert len(study.trials) == n_trials  # nothing retried, nothing over budget
-    assert len({t.user_attrs[sweep.WORKER_ATTR] for t in study.trials}) >= 2  # they did run side by side
+    assert len({t.user_attrs[WORKER_ATTR] for t in study.trials}) >= 2  # they did run side by side
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("three_workers")
     parent, children = study_runs(client, client.search_runs([exp.experiment_id], max_results=100), study)
@@ -151,7 +153,7 @@ def test_a_killed_workers_trial_is_failed_and_rerun_by_another(tmp_path, mnist_r
         except KeyError:
             return None
         worker = f"{socket.gethostname()}:{proc.pid}"
-        return next((t for t in trials if t.user_attrs.get(sweep.WORKER_ATTR) == worker
+        return next((t for t in trials if t.user_attrs.get(WORKER_ATTR) == worker
                      and t.state == TrialState.RUNNING and (t.intermediate_values or not training)), None)
 
     deadline = time.time() + 180
@@ -199,7 +201,6 @@ def test_pruning_judges_a_trial_against_other_workers_trials(tmp_path, backend):
     epoch 1, is pruned by it."""
     import json
 
-    from mnist_sweep.study import TrialRef, TrialReport
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}" if backend == "sqlite" else new_database("pruning")
     other_worker = (f"import optuna; s = optuna.create_study(study_name='p', storage={url!r}, direction='maximize')\n"
@@ -220,7 +221,6 @@ def test_a_trials_last_step_is_recorded_but_never_pruned(tmp_path):
     finished its epochs must end COMPLETE with its value, not be thrown away as PRUNED at its final step."""
     import json
 
-    from mnist_sweep.study import TrialRef, TrialReport
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="sh", storage=url, direction="maximize")
@@ -295,15 +295,15 @@ def test_an_unreachable_tracking_server_stops_a_worker_at_once(tmp_path, mnist_r
 def test_the_budget_lock_serializes_claims_between_processes(tmp_path):
     """While one process holds a study's claim lock, another process cannot take it (it waits)."""
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    other = ("import sys; from mnist_sweep import study as sweep\n"
-             f"storage = sweep.make_storage({url!r}); print('ready', flush=True); sys.stdin.readline()\n"
-             "with sweep.claim_lock(storage, 's'): print('got it', flush=True)\n")
+    other = ("import sys; from hydra_plugins.hydra_optuna_pruning_sweeper._study import claim_lock, make_storage\n"
+             f"storage = make_storage({url!r}); print('ready', flush=True); sys.stdin.readline()\n"
+             "with claim_lock(storage, 's'): print('got it', flush=True)\n")
     proc = subprocess.Popen([sys.executable, "-c", other], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     timer = threading.Timer(60, proc.kill)
     timer.start()
     try:
         assert proc.stdout.readline().strip() == "ready"
-        with sweep.claim_lock(sweep.make_storage(url), "s"):
+        with claim_lock(make_storage(url), "s"):
             proc.stdin.write("go\n")
             proc.stdin.flush()
             time.sleep(2)
@@ -330,10 +330,10 @@ def test_a_local_worker_reruns_the_same_command_into_the_same_sweep_folder():
 
 
 def test_a_local_workers_environment_holds_its_study_and_its_share_of_the_cores():
-    env = {sweep.STORAGE_ENV: "postgresql://u:secret@h/db", "PATH": "/bin"}
+    env = {STORAGE_ENV: "postgresql://u:secret@h/db", "PATH": "/bin"}
     me = LocalWorker("s", 8, 5)
     got = worker_env(env, me, n_jobs=2, cores=8)
-    assert got[sweep.STORAGE_ENV] == env[sweep.STORAGE_ENV] and got["PATH"] == "/bin"  # inherited, not on argv
+    assert got[STORAGE_ENV] == env[STORAGE_ENV] and got["PATH"] == "/bin"  # inherited, not on argv
     assert got["OMP_NUM_THREADS"] == "4" and LocalWorker.from_env(got) == me
     assert worker_env(env | {"OMP_NUM_THREADS": "3"}, me, 2, 8)["OMP_NUM_THREADS"] == "3"  # the user's wins
     assert worker_env(env, me, 4, 2)["OMP_NUM_THREADS"] == "1"
@@ -344,7 +344,7 @@ def test_a_local_workers_environment_holds_its_study_and_its_share_of_the_cores(
 # start-up (imports, config), during which signals are held; then it fails, sleeps or exits as its role says.
 CHILD = """
 import os, sys, time
-from mnist_sweep.local_workers import LocalWorker, stop_once_on_signals
+from hydra_plugins.hydra_optuna_pruning_sweeper._local_workers import LocalWorker, stop_once_on_signals
 me = LocalWorker.from_env(os.environ)
 try:
     os.close(os.open(os.path.join(os.environ["ROLE_DIR"], "first"), os.O_CREAT | os.O_EXCL))
@@ -419,14 +419,14 @@ def test_a_killed_local_workers_trial_is_failed_at_once_and_queued_again(tmp_pat
     """The main process knows its worker is dead: no grace period to wait out, no heartbeat needed."""
     from omegaconf import OmegaConf
 
-    from mnist_sweep.sweeper import OptunaPruningSweeper
+    from hydra_plugins.hydra_optuna_pruning_sweeper._sweeper import SweepRun as OptunaPruningSweeper
 
-    storage = sweep.make_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    storage = make_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
     study = optuna.create_study(study_name="s", storage=storage)
     for worker in ("host:1", "host:2"):
         trial = study.ask()
         trial.suggest_float("x", 0.0, 1.0)
-        trial.set_user_attr(sweep.WORKER_ATTR, worker)
+        trial.set_user_attr(WORKER_ATTR, worker)
     sweeper = OptunaPruningSweeper(sampler=OmegaConf.create({"_target_": "optuna.samplers.RandomSampler"}))
     assert sweeper._fail_trials_of(study, storage, "host:1", "its local worker process 1 was killed", None) == [0]
     dead, alive, retry = study.trials
@@ -446,7 +446,7 @@ def test_local_workers_run_a_sweep_and_the_sweep_summarizes_it_once(tmp_path, mn
     assert_exact_budget(study, 4)
     assert len(study.trials) == 4
     pids = re.search(r"2 local worker processes \(pids (\d+), (\d+)\)", out).groups()
-    assert {t.user_attrs[sweep.WORKER_ATTR] for t in study.trials} == {f"{socket.gethostname()}:{p}" for p in pids}
+    assert {t.user_attrs[WORKER_ATTR] for t in study.trials} == {f"{socket.gethostname()}:{p}" for p in pids}
     client, runs = mlflow_runs(tmp_path)
     parent, children = study_runs(client, runs, study)
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
@@ -477,7 +477,7 @@ def test_a_config_error_in_local_workers_is_one_line_and_leaves_nothing_running(
 MAIN_PROCESS_REPORT = """
 import atexit, os, sys
 
-from mnist_sweep.study import LOCAL_WORKER_ENV
+from hydra_plugins.hydra_optuna_pruning_sweeper._names import LOCAL_WORKER_ENV
 
 def report():
     if not os.environ.get(LOCAL_WORKER_ENV):  # the sweep's main process, not one of its workers
@@ -493,7 +493,7 @@ cli()
 def test_what_a_sweeps_main_process_imports_brings_no_torch():
     """The modules a sweep's main process runs (the entry point, the sweeper, its MLflow records, the on_best hook)
     load without torch, in a fresh interpreter: torch comes with the first run, in a worker."""
-    code = ("import sys; import mnist_sweep.__main__, mnist_sweep.sweeper, mnist_sweep.registry, mnist_sweep.config; "
+    code = ("import sys; import mnist_sweep.__main__, mnist_sweep.registry, mnist_sweep.config; import hydra_plugins.hydra_optuna_pruning_sweeper._sweeper; "
             "print(' '.join(m for m in ('torch', 'torchvision') if m in sys.modules) or 'neither')")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

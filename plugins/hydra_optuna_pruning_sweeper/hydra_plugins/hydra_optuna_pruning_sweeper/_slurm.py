@@ -23,7 +23,8 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
 from omegaconf import OmegaConf
 
-from .errors import JobInterrupted, UserError
+from ._errors import JobInterrupted, UserError
+from ._outcome import job_error
 
 PING_TIMEOUT_S = 15  # a controller that does not answer `scontrol ping` in this many seconds counts as down
 EXECUTOR_KEYS = ("max_num_timeout", "python")  # settings that submitit takes when the executor is made
@@ -73,7 +74,6 @@ def job_return(job: Any, overrides: list[str]) -> JobReturn:
     limit (its signal handler raises UncompletedJobError inside the app), is a FAILED one with JobInterrupted."""
     from submitit.core.utils import FailedJobError, UncompletedJobError
 
-    from .sweeper import job_error
 
     try:
         ret: JobReturn = job.results()[0]

@@ -1,16 +1,16 @@
-"""`hydra/sweeper=optuna_pruning`: the hydra-optuna-sweeper plugin's search-space grammar and samplers, for any
-Hydra app, plus what that plugin lacks. It reads only its own settings (`hydra.sweeper.*`) and knows nothing of
-the app it sweeps.
+"""The sweeper behind `hydra/sweeper=optuna_pruning` (the facade in optuna_pruning_sweeper.py imports this module
+when a sweep starts): the hydra-optuna-sweeper plugin's search-space grammar and samplers, for any Hydra app, plus
+what that plugin lacks. It reads only its own settings (`hydra.sweeper.*`) and knows nothing of the app it sweeps.
 
     python my_app.py --multirun hydra/sweeper=optuna_pruning 'x=interval(-5,5)' hydra.sweeper.n_trials=30
 
-- Pruning: a job calls `mnist_sweep.study.current_trial().report(value, step)` per epoch; the pruner
+- Pruning: a job calls `current_trial().report(value, step)` (this package's) per epoch; the pruner
   (`hydra/sweeper/pruner=median|hyperband|successive_halving|none`) stops it by raising optuna.TrialPruned.
   The trial's identity reaches the job through environment variables, so basic, joblib and SLURM jobs all prune.
 - Resume (`total_budget: true`): `n_trials` is the study's total; the same command continues the same study, and
   trials of dead or interrupted processes are failed and re-run once (`heartbeat_interval`).
 - Workers: the same command on many machines shares one study and its budget exactly (claims under a lock).
-  With `local_workers: true` the sweep starts n_jobs such workers on this machine itself (local_workers.py):
+  With `local_workers: true` the sweep starts n_jobs such workers on this machine itself (_local_workers.py):
   a core takes the next trial as soon as its own ends or is pruned, with no batch barrier.
 - MLflow (`mlflow.tracking_uri`): one parent run per study, one child run per trial, created here; the job gets
   MLFLOW_RUN_ID and MLFLOW_TRACKING_URI, so a plain `mlflow.start_run()` in the app logs into its trial's run.
@@ -41,94 +41,33 @@ from typing import Any, Iterator, Optional
 
 import optuna
 import sqlalchemy
-from hydra.core.config_store import ConfigStore
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override, Transformer
 from hydra.core.plugins import Plugins
-from hydra.core.utils import JobReturn, JobStatus
-from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import get_method, instantiate
-from omegaconf import MISSING, DictConfig, OmegaConf
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from omegaconf import DictConfig, OmegaConf
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from . import local_workers, results, study as studies, tracking
-from .errors import ConfigError, JobInterrupted, StopSweep, Terminated, UserError, one_line
-from .redact import mask_secrets
+from . import _local_workers as local_workers, _results as results, _study as studies, _tracking as tracking
+from ._clock import SweepClock, deadline_from_env, time_spent
+from ._errors import ConfigError, StopSweep, Terminated, UserError, one_line
+from ._names import (END_REASON_ATTR, FAIL_REASON_ATTR, KIND_TAG, OPTIMIZED_METRIC_PARAM, OVERRIDES_ATTR,
+                     PARENT_RUN_ATTR, PARENT_TAG, RUN_ID_ATTR, STORAGE_ENV, STUDY_KIND, STUDY_TAG, TRIAL_NUMBER_TAG,
+                     TRIAL_STATE_TAG)
+from ._optuna_adapter import trial_id
+from ._outcome import outcome
+from ._redact import mask_secrets
+from ._space import grid_choices, quote, quote_value, recipe, set_by, space_from_overrides
+from ._trial import TrialRef
 
 log = logging.getLogger("optuna_pruning")
-SAMPLER_TARGETS = ("optuna.samplers.*", "hydra_plugins.hydra_optuna_sweeper.*")
+SAMPLER_TARGETS = ("optuna.samplers.*", "hydra_plugins.hydra_optuna_sweeper.*")  # upstream's configs too
 SIGNIFICANT_DIGITS = 4  # floats in the trial lines printed to the user
-SLURM_LAUNCHER = "mnist_sweep.slurm.SlurmLauncher"  # hydra/launcher=slurm's _target_
+# the _target_ of a launcher config that picks the SLURM launcher of this package (the [slurm] extra)
+SLURM_LAUNCHER = "hydra_plugins.hydra_optuna_pruning_sweeper._slurm.SlurmLauncher"
 RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED", TrialState.FAIL: "FAILED"}
 UNLIMITED = 2**31 - 1  # n_trials when only hydra.sweeper.timeout ends the sweep
 MIN_TRIALS_FOR_RATE = 4  # with no n_trials, max_failure_rate is judged once this many trials have run
-
-
-# -- the plugin's settings: hydra/sweeper=optuna_pruning, with hydra/sweeper/pruner options -------------------------
-
-@dataclass
-class MLflowSettings:
-    tracking_uri: Optional[str] = None  # null: no MLflow records
-    experiment: str = "Default"  # the experiment that holds the study's parent and trial runs
-
-
-@dataclass
-class OptunaPruningSweeperConf:
-    _target_: str = "mnist_sweep.sweeper.OptunaPruningSweeper"
-    defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "none"}])
-    # upstream's settings, with upstream's defaults
-    sampler: Any = MISSING  # hydra/sweeper/sampler=tpe|random|grid|cmaes|nsgaii|gp|qmc (the upstream plugin's)
-    direction: Any = "minimize"  # minimize | maximize | a list of them
-    storage: Any = None  # null: a SQLite file in the sweep folder, new each invocation
-    study_name: Optional[str] = None  # null: derived from space_name and the space, else Optuna's random name
-    n_trials: Any = 20  # trials of this invocation (of the whole study with total_budget); null: only timeout ends it
-    # seconds of sweeping (of the whole study with total_budget, resumed where it stopped); at the deadline no trial
-    # starts and running ones stop at their next report (PRUNED, with the reason); null: no time limit
-    timeout: Any = None
-    n_jobs: Any = 2  # trials launched together (with local_workers: trials running at once)
-    max_failure_rate: Any = 0.0  # stop once more than this share of n_trials has failed
-    params: Optional[dict[str, Any]] = None  # the search space: {key: sweep expression}
-    custom_search_space: Optional[str] = None  # dotpath of fn(cfg, trial) that suggests more params
-    # extras, off by default
-    pruner: Any = MISSING  # hydra/sweeper/pruner=none|median|hyperband|successive_halving
-    total_budget: bool = False  # n_trials counts the study's trials across invocations: rerun = resume
-    space_name: Optional[str] = None  # with study_name null: name the study <space_name>-<hash of the space>
-    heartbeat_interval: Any = None  # seconds; fail (and re-run once) trials whose process died
-    grace_period: Any = None  # seconds without a heartbeat before a trial counts as dead
-    metric_names: Optional[list[str]] = None  # names of the objectives (optuna-dashboard's axes, MLflow)
-    mlflow: MLflowSettings = field(default_factory=MLflowSettings)
-    # n_jobs > 1 with Hydra's basic launcher: n_jobs worker processes, each taking the next trial as its own ends
-    # (no batch barrier), cores // n_jobs threads each; false: batches of n_jobs through the launcher (upstream's)
-    local_workers: bool = False
-    best_config_dir: Optional[str] = None  # write the best trial to <dir>/experiment/<study>_best.yaml
-    best_config_exclude: list[str] = field(default_factory=list)  # keys and groups kept out of that config
-    on_best: Any = None  # a _target_ called with run_id= (the best trial's MLflow run) when the sweep ends
-
-
-PRUNERS = {  # hydra/sweeper/pruner options: Optuna's pruners with Optuna's defaults
-    "none": {"_target_": None},
-    "median": {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 5, "n_warmup_steps": 0,
-               "interval_steps": 1, "n_min_trials": 1},
-    "hyperband": {"_target_": "optuna.pruners.HyperbandPruner", "min_resource": 1, "max_resource": "auto",
-                  "reduction_factor": 3},
-    "successive_halving": {"_target_": "optuna.pruners.SuccessiveHalvingPruner", "min_resource": "auto",
-                           "reduction_factor": 4, "min_early_stopping_rate": 0},
-}
-
-
-def register_configs() -> None:
-    """The plugin's config group, found by any app that installs this package (no conf/ of its own needed)."""
-    store = ConfigStore.instance()
-    store.store(group="hydra/sweeper", name="optuna_pruning", node=OptunaPruningSweeperConf,
-                provider="mnist_sweep")
-    for name, node in PRUNERS.items():
-        store.store(group="hydra/sweeper/pruner", name=name, node=node, provider="mnist_sweep")
-
-
-register_configs()
 
 
 # -- the sweeper --------------------------------------------------------------------------------------------------
@@ -146,7 +85,9 @@ class Settings:
     directions: list[str]
 
 
-class OptunaPruningSweeper(Sweeper):
+class SweepRun:
+    """One invocation of the sweeper (the facade in optuna_pruning_sweeper.py builds it when the sweep starts)."""
+
     def __init__(self, sampler: DictConfig, pruner: Any = None, direction: Any = "minimize", storage: Any = None,
                  study_name: str | None = None, n_trials: Any = 20, timeout: Any = None, n_jobs: Any = 2,
                  max_failure_rate: Any = 0.0,
@@ -175,7 +116,7 @@ class OptunaPruningSweeper(Sweeper):
         self.on_best = on_best
         self.client = None
         self.job_idx = 0
-        self.clock = studies.SweepClock("", 0.0, None)  # set when a sweep starts (hydra.sweeper.timeout)
+        self.clock = SweepClock("", 0.0, None)  # set when a sweep starts (hydra.sweeper.timeout)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -187,6 +128,7 @@ class OptunaPruningSweeper(Sweeper):
         self.worker = local_workers.LocalWorker.from_env(os.environ)
         # A local worker hands its error line to the main process, which shows the first failure's line only
         say = self.worker.report if self.worker else functools.partial(print, file=sys.stderr)
+        studies.quiet_optuna()
         try:
             if self.worker is not None:
                 local_workers.stop_once_on_signals()
@@ -227,11 +169,11 @@ class OptunaPruningSweeper(Sweeper):
         else:
             n_trials = settings.n_trials if self.total_budget else studies.budget_used(study) + settings.n_trials
         n_trials = min(n_trials, grid_size) if grid_size else n_trials
-        spent = studies.time_spent(study.user_attrs) if self.total_budget else 0.0
-        self.clock = studies.SweepClock.start(settings.timeout, spent)
+        spent = time_spent(study.user_attrs) if self.total_budget else 0.0
+        self.clock = SweepClock.start(settings.timeout, spent)
         if self.total_budget and self._budget_spent(study, n_trials, settings.timeout, spent):
             return
-        ref = studies.TrialRef(url, study.study_name, -1, self.pruner_spec, self.clock.deadline)
+        ref = TrialRef(url, study.study_name, -1, self.pruner_spec, self.clock.deadline)
         os.environ.update(ref.sweep_env())  # the jobs' way to the study: inherited, never saved (see study.py)
         if self.client is not None:  # for a plain mlflow.start_run() in the job, with MLFLOW_RUN_ID per trial
             os.environ["MLFLOW_TRACKING_URI"] = self.mlflow["tracking_uri"]
@@ -329,10 +271,10 @@ class OptunaPruningSweeper(Sweeper):
         """A local worker: the main process has made the study, its MLflow parent run and the jobs' environment
         (the storage URL); this claims and runs one trial at a time until the budget is spent and no trial runs,
         and leaves the summary and the best config to the main process."""
-        storage, study, _ = self._open(os.environ[studies.STORAGE_ENV], self.worker.study, settings, distributions)
+        storage, study, _ = self._open(os.environ[STORAGE_ENV], self.worker.study, settings, distributions)
         # the main process keeps the study's time; a worker only keeps to its deadline
-        self.clock = studies.SweepClock("", time.time(), studies.deadline_from_env(os.environ))
-        parent_id = study.user_attrs.get(studies.PARENT_RUN_ATTR) if self.client is not None else None
+        self.clock = SweepClock("", time.time(), deadline_from_env(os.environ))
+        parent_id = study.user_attrs.get(PARENT_RUN_ATTR) if self.client is not None else None
         self._run_trials(study, storage, replace(settings, n_jobs=1), distributions, fixed_args, parent_id,
                          self.worker.n_trials)
 
@@ -412,13 +354,13 @@ class OptunaPruningSweeper(Sweeper):
             if self.custom_search_space:
                 get_method(self.custom_search_space)(self.config, trial)
             overrides = [f"{k}={v}" for k, v in trial.params.items()] + fixed_args
-            trial.set_user_attr(studies.OVERRIDES_ATTR, [mask_secrets(o) for o in overrides])
-            env = studies.TrialRef("", study.study_name, trial.number).job_env()
+            trial.set_user_attr(OVERRIDES_ATTR, [mask_secrets(o) for o in overrides])
+            env = TrialRef("", study.study_name, trial.number).job_env()
             run_id = self._child_run(study, trial, parent_id)
             if run_id:
                 env |= {"MLFLOW_RUN_ID": run_id}
-                trial.set_user_attr(studies.RUN_ID_ATTR, run_id)
-            jobs[trial.number] = overrides + [f"++hydra.job.env_set.{k}={_quote(v)}" for k, v in env.items()]
+                trial.set_user_attr(RUN_ID_ATTR, run_id)
+            jobs[trial.number] = overrides + [f"++hydra.job.env_set.{k}={quote(v)}" for k, v in env.items()]
             self.seeded_for = len(study.get_trials(deepcopy=False))
 
         quiet_launcher_logs()
@@ -447,7 +389,7 @@ class OptunaPruningSweeper(Sweeper):
             for trial in batch:
                 log.info(f"trial {trial.number} started: {trial_params_text(trial.params)}")
             try:
-                ids = [studies.trial_id(storage, study.study_name, t.number) for t in batch]
+                ids = [trial_id(storage, study.study_name, t.number) for t in batch]
                 with studies.heartbeat(storage, ids):
                     # a worker's job folder is named by its trial (unique among the workers)
                     returns = self.launcher.launch([jobs.pop(t.number) for t in batch],
@@ -460,7 +402,7 @@ class OptunaPruningSweeper(Sweeper):
                 raise
             self.job_idx += len(returns)
             for trial, ret in zip(batch, returns):
-                state, values, reason, stop, interrupted = outcome(ret, len(settings.directions))
+                state, values, reason, stop, interrupted = outcome(ret, len(settings.directions), trial.number)
                 # a job stopped from outside (scancel, a time limit) is an interruption, as Ctrl-C is here
                 self._tell(study, trial, state, values, reason, run_status="KILLED" if interrupted else None)
                 if interrupted:
@@ -475,22 +417,22 @@ class OptunaPruningSweeper(Sweeper):
             if failed > settings.max_failure_rate * of:
                 raise UserError(f"{failed} trials of the study failed, more than hydra.sweeper.max_failure_rate="
                                 f"{settings.max_failure_rate} of its {budget_text(of)} trials; see the trials' "
-                                f"'{studies.FAIL_REASON_ATTR}' in the study")
+                                f"'{FAIL_REASON_ATTR}' in the study")
 
     def _tell(self, study, trial, state: TrialState, values, reason: str | None = None,
               run_status: str | None = None) -> None:
         """Tell the trial's end to the study and to its MLflow run; a job that stopped the sweep stops it here."""
         if reason:
-            trial.set_user_attr(studies.FAIL_REASON_ATTR if state == TrialState.FAIL else studies.END_REASON_ATTR,
+            trial.set_user_attr(FAIL_REASON_ATTR if state == TrialState.FAIL else END_REASON_ATTR,
                                 mask_secrets(reason)[:2000])
         try:
             study.tell(trial, values=values, state=state, skip_if_finished=True)
         except RuntimeError as e:  # GridSampler calls study.stop() on its last point; the state is stored
             if "Study.stop" not in str(e):
                 raise
-        run_id = trial.user_attrs.get(studies.RUN_ID_ATTR)
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
         if self.client is not None and run_id:
-            self.client.set_tag(run_id, tracking.TRIAL_STATE_TAG, state.name)
+            self.client.set_tag(run_id, TRIAL_STATE_TAG, state.name)
             status = self.client.get_run(run_id).info.status
             # RUNNING: the job did not end it (or died); an interrupted trial's run is KILLED, whatever the job
             # made of the interruption (an app stopped by an exception at its time limit ends it FAILED)
@@ -507,7 +449,7 @@ class OptunaPruningSweeper(Sweeper):
             yield None
             return
         with studies.claim_lock(storage, study.study_name):  # workers starting together make one parent
-            parent_id = study.user_attrs.get(studies.PARENT_RUN_ATTR)
+            parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
             if parent_id is not None:
                 tracking.RunRecorder.resume(self.client, parent_id)
             else:
@@ -523,14 +465,14 @@ class OptunaPruningSweeper(Sweeper):
             tracking.retry_locked(self.client.set_terminated, parent_id, status=status)
 
     def _new_parent_run(self, study, distributions: dict, directions: list[str]) -> str:
-        tags = {tracking.STUDY_TAG: study.study_name, tracking.KIND_TAG: tracking.STUDY_KIND} | tracking.source_tags()
+        tags = {STUDY_TAG: study.study_name, KIND_TAG: STUDY_KIND} | tracking.source_tags(self.config.hydra.job.name)
         rec = tracking.RunRecorder(self.client, self.mlflow["experiment"], run_name=study.study_name, tags=tags)
         rec.log_params({"study": study.study_name, "sampler": type(study.sampler).__name__,
                         "pruner": json.loads(self.pruner_spec).get("_target_") or "none",
                         "storage": mask_secrets(str(self.storage_url)), "directions": ",".join(directions),
-                        tracking.OPTIMIZED_METRIC_PARAM: ",".join(self.metric_names or ["value"]),
+                        OPTIMIZED_METRIC_PARAM: ",".join(self.metric_names or ["value"]),
                         **{f"space.{k}": repr(v) for k, v in distributions.items()}})
-        study.set_user_attr(studies.PARENT_RUN_ATTR, rec.run_id)
+        study.set_user_attr(PARENT_RUN_ATTR, rec.run_id)
         return rec.run_id
 
     def _child_run(self, study, trial, parent_id: str | None) -> str | None:
@@ -539,8 +481,8 @@ class OptunaPruningSweeper(Sweeper):
             return None
         parent = self.client.get_run(parent_id)
         run = tracking.retry_locked(self.client.create_run, parent.info.experiment_id, run_name=f"trial-{trial.number}",
-                                    tags={tracking.PARENT_TAG: parent_id, tracking.TRIAL_NUMBER_TAG: str(trial.number),
-                                          tracking.STUDY_TAG: study.study_name})
+                                    tags={PARENT_TAG: parent_id, TRIAL_NUMBER_TAG: str(trial.number),
+                                          STUDY_TAG: study.study_name})
         return run.info.run_id
 
     def _close_orphan_runs(self, study, parent_id: str | None) -> None:
@@ -553,9 +495,9 @@ class OptunaPruningSweeper(Sweeper):
         runs = tracking.child_runs(self.client, parent_id, status="RUNNING")
         running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         for run in runs:
-            if int(run.data.tags.get(tracking.TRIAL_NUMBER_TAG, -1)) not in running and \
+            if int(run.data.tags.get(TRIAL_NUMBER_TAG, -1)) not in running and \
                     self.client.get_run(run.info.run_id).info.status == "RUNNING":
-                self.client.set_tag(run.info.run_id, tracking.TRIAL_STATE_TAG, "FAIL")
+                self.client.set_tag(run.info.run_id, TRIAL_STATE_TAG, "FAIL")
                 self.client.set_terminated(run.info.run_id, status="KILLED")
 
     # -- the end of an invocation ------------------------------------------------------------------------------
@@ -614,7 +556,7 @@ class OptunaPruningSweeper(Sweeper):
             trial = best[0]
             names = self.metric_names or ["value"]
             parent.log_metrics({f"best/{m}": v for m, v in zip(names, trial.values)}, step=trial.number)
-            run_id = trial.user_attrs.get(studies.RUN_ID_ATTR)
+            run_id = trial.user_attrs.get(RUN_ID_ATTR)
             parent.set_tags({f"best.{k}": v for k, v in trial.params.items()} | {"best.trial": trial.number}
                             | ({"best.run_id": run_id} if run_id else {}))
             if run_id and self.on_best:
@@ -624,7 +566,7 @@ class OptunaPruningSweeper(Sweeper):
         self._close_orphan_runs(study, parent_id)  # a dead worker's trial, failed while we ran
 
     def _write_best_config(self, trial, name: str) -> None:
-        choices, values = recipe(trial.user_attrs.get(studies.OVERRIDES_ATTR, []),
+        choices, values = recipe(trial.user_attrs.get(OVERRIDES_ATTR, []),
                                  set(self.config.hydra.runtime.choices.keys()), self.best_config_exclude)
         folder = Path(self.best_config_dir) / "experiment"
         folder.mkdir(parents=True, exist_ok=True)
@@ -632,7 +574,7 @@ class OptunaPruningSweeper(Sweeper):
         path.write_text(results.experiment_yaml(choices, values,
                                                 f"best trial {trial.number} of study {name}: {trial.value}"))
         app = Path(sys.argv[0]).name
-        plain = [f"{k}={v}" for k, v in choices.items()] + [f"{k}={_quote_value(v)}" for k, v in values.items()]
+        plain = [f"{k}={v}" for k, v in choices.items()] + [f"{k}={quote_value(v)}" for k, v in values.items()]
         log.info(f"best config written to {path}; re-run it with:\n    {app} experiment={shlex.quote(name + '_best')}"
                  f"\n    (or: {app} {' '.join(shlex.quote(o) for o in plain)})")
 
@@ -669,51 +611,6 @@ def check_settings(n_trials: Any, timeout: Any, n_jobs: Any, max_failure_rate: A
                     grace_period, directions)
 
 
-def outcome(ret: JobReturn, n_objectives: int) -> tuple[TrialState, list[float] | None, str | None,
-                                                        StopSweep | None, bool]:
-    """(state, values, reason, stop, interrupted) of a finished job; `stop` is the error to stop the sweep with
-    when the job raised StopSweep (a config error: every other trial would fail the same way); `interrupted`:
-    the job was stopped from outside (JobInterrupted, from a launcher), its parameters deserve another run."""
-    if ret.status == JobStatus.COMPLETED:
-        values = objective_values(ret.return_value, n_objectives)
-        if isinstance(values, str):
-            return TrialState.FAIL, None, values, None, False
-        return TrialState.COMPLETE, values, None, None, False
-    error = job_error(ret) or RuntimeError("the job failed without an exception")
-    if isinstance(error, optuna.TrialPruned):
-        return TrialState.PRUNED, None, str(error), None, False
-    reason = f"{type(error).__name__}: {error}"
-    if isinstance(error, StopSweep):
-        shown = " ".join(o for o in (ret.overrides or []) if not o.startswith(("hydra.", "++hydra.")))
-        return TrialState.FAIL, None, reason, StopSweep(f"a trial ({shown}) stopped the sweep: {error}"), False
-    return TrialState.FAIL, None, reason, None, isinstance(error, JobInterrupted)
-
-
-def job_error(ret: JobReturn) -> BaseException | None:
-    """The exception of a failed job, None for any other."""
-    if ret.status != JobStatus.FAILED:
-        return None
-    try:  # the public way to get the job's exception re-raises it, after a line on stderr that the trial line says
-        with contextlib.redirect_stderr(io.StringIO()):
-            ret.return_value
-    except Exception as e:
-        return e
-    return None
-
-
-def objective_values(returned: Any, n_objectives: int) -> list[float] | str:
-    """A job's return value as the trial's values, or why it cannot be (the trial then FAILs)."""
-    items = list(returned) if isinstance(returned, (list, tuple)) else [returned]
-    numbers = [v for v in items if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    if len(numbers) != len(items) or len(items) != n_objectives:
-        return (f"the job returned {str(returned)[:200]!r} ({type(returned).__name__}); expected "
-                f"{'a number' if n_objectives == 1 else f'a list of {n_objectives} numbers'}")
-    values = [float(v) for v in numbers]
-    if not all(math.isfinite(v) for v in values):
-        return f"the job returned {values}, which is not finite"
-    return values
-
-
 def retry_once(study: optuna.Study, number: int) -> None:
     """Queue an interrupted trial's parameters again, once: the same rule as a trial whose process died."""
     trials = study.get_trials(deepcopy=False)
@@ -730,7 +627,7 @@ def register_slurm_launcher(launcher_cfg: DictConfig) -> None:
     registered (Hydra's public Plugins.register) when chosen, and only then imported, since it needs the submitit
     plugin. An entry point would make every run without that plugin warn that it cannot be loaded."""
     if OmegaConf.select(launcher_cfg, "_target_") == SLURM_LAUNCHER:
-        from . import slurm
+        from . import _slurm as slurm
 
         Plugins.instance().register(slurm.SlurmLauncher)
 
@@ -741,7 +638,7 @@ def check_cluster(launcher: Any) -> None:
     Other launchers need no check; the plugin is not imported for them."""
     plugin = sys.modules.get("hydra_plugins.hydra_submitit_launcher.submitit_launcher")
     if plugin is not None and isinstance(launcher, plugin.SlurmLauncher):
-        from . import slurm
+        from . import _slurm as slurm
 
         slurm.check_cluster()
 
@@ -752,78 +649,6 @@ def share_cores(launcher: str, n_jobs: int) -> None:
     their own environment)."""
     if launcher == "JoblibLauncher":
         os.environ.update(local_workers.thread_env(os.environ, n_jobs, os.cpu_count()))
-
-
-def recipe(overrides: list[str], groups: set[str], exclude: tuple[str, ...] = ()) -> tuple[dict[str, str],
-                                                                                       dict[str, Any]]:
-    """A trial's overrides as (group choices, values), unescaped, without Hydra's own settings and without the
-    keys (and their children) in `exclude`."""
-    choices: dict[str, str] = {}
-    values: dict[str, Any] = {}
-    for override in OverridesParser.create().parse_overrides(overrides):
-        key = override.get_key_element().lstrip("+~")
-        if override.is_delete() or any(key == k or key.startswith((f"{k}.", f"{k}/")) for k in ("hydra", *exclude)):
-            continue
-        if key in groups:
-            choices[key] = str(override.value())
-        else:
-            values[key] = override.value()
-    return choices, values
-
-
-def set_by(key: str, user_keys) -> bool:
-    """Whether an override of one of `user_keys` sets `key`: the key itself, or a group or node above it
-    (`model=small` sets model.fc_width)."""
-    return any(key == u or key.startswith(f"{u}.") for u in user_keys)
-
-
-def space_from_overrides(arguments: list[str]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
-    """The upstream plugin's grammar, through Hydra's public override parser: (distributions of the sweeps,
-    {key: value} of the plain overrides, the deletions as given)."""
-    distributions, fixed, other = {}, {}, []
-    for override in OverridesParser.create().parse_overrides(arguments):
-        if override.is_delete():
-            other.append(override.input_line)
-        elif override.is_sweep_override():
-            distributions[override.get_key_element()] = distribution_of(override)
-        else:
-            fixed[override.get_key_element()] = override.get_value_element_as_str()
-    return distributions, fixed, other
-
-
-def distribution_of(override: Override) -> optuna.distributions.BaseDistribution:
-    """choice(a,b) -> categorical; range(lo,hi[,step]) -> stepped int or float (hi excluded, as in Hydra);
-    interval(lo,hi) -> uniform int or float; tag(log, interval(...)) -> log-uniform."""
-    key, value = override.get_key_element(), override.value()
-    if override.is_choice_sweep() or (override.is_range_sweep() and (value.shuffle or value.transformers)):
-        return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))
-    if override.is_range_sweep():
-        points = [float(v) if not isinstance(v, int) else v for v in override.sweep_iterator()]
-        if not points:
-            raise ConfigError(f"{key}={override.get_value_element_as_str()} is an empty range")
-        step = abs(value.step)
-        if all(isinstance(v, int) for v in points):
-            return IntDistribution(min(points), max(points), step=int(step))
-        return FloatDistribution(min(points), max(points), step=float(step))
-    if override.is_interval_sweep():
-        log = "log" in value.tags
-        if isinstance(value.start, int) and isinstance(value.end, int):
-            return IntDistribution(int(value.start), int(value.end), log=log)
-        return FloatDistribution(float(value.start), float(value.end), log=log)
-    raise ConfigError(f"{key}={override.get_value_element_as_str()}: this sweep is not supported; use choice, "
-                      "range, interval or tag(log, interval(...))")
-
-
-def grid_choices(name: str, d) -> list:
-    """The points of one parameter of a grid: a choice's options, an integer range, or a stepped float range."""
-    if isinstance(d, CategoricalDistribution):
-        return list(d.choices)
-    if isinstance(d, IntDistribution) and not d.log:
-        return list(range(d.low, d.high + 1, d.step))
-    if isinstance(d, FloatDistribution) and d.step is not None and not d.log:
-        return [d.low + i * d.step for i in range(int(round((d.high - d.low) / d.step)) + 1)]
-    raise ConfigError(f"hydra/sweeper/sampler=grid needs a finite grid, but {name} is {d!r}; use choice(...) or "
-                      "range(...), or another sampler")
 
 
 def budget_text(n_trials: int) -> str:
@@ -845,7 +670,7 @@ def trial_end_line(study: optuna.Study, number: int, n_trials: int, metric_names
     done = sum(1 for t in trials if t.state.is_finished())
     head = f"trial {number} ({done}/{budget_text(n_trials)}) {trial.state.name}"
     if trial.state == TrialState.FAIL:
-        return f"{head}: {trial.user_attrs.get(studies.FAIL_REASON_ATTR, 'no reason recorded')}"
+        return f"{head}: {trial.user_attrs.get(FAIL_REASON_ATTR, 'no reason recorded')}"
     if trial.state == TrialState.PRUNED and trial.intermediate_values:
         step = max(trial.intermediate_values)
         head += f" at step {step} {names[0]} {trial.intermediate_values[step]:.4f}"
@@ -864,15 +689,3 @@ def quiet_launcher_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _quote(value: str) -> str:
-    """A Hydra override value that survives the override grammar (URLs with ':', '@', '?')."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _quote_value(value: Any) -> str:
-    """A value as an override writes it: true/false/null, a plain word, or a quoted string."""
-    if isinstance(value, bool) or value is None:
-        return {True: "true", False: "false", None: "null"}[value]
-    if isinstance(value, str) and not re.fullmatch(r"[\w./:@+-]+", value):
-        return _quote(value)
-    return str(value)

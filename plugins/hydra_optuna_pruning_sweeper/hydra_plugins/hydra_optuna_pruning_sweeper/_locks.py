@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import sqlalchemy
 from filelock import FileLock
+
+if TYPE_CHECKING:
+    import sqlalchemy
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -32,8 +34,10 @@ def file_lock(database: Path) -> FileLock:
 
 
 @contextmanager
-def advisory_lock(engine: sqlalchemy.Engine, name: str) -> Iterator[None]:
+def advisory_lock(engine: "sqlalchemy.Engine", name: str) -> Iterator[None]:
     """A PostgreSQL session-level advisory lock keyed by `name`, on a connection of its own."""
+    import sqlalchemy
+
     key = int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big", signed=True)
     with engine.connect() as conn:
         conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from .errors import Terminated
-from .study import LOCAL_WORKER_ENV
+from ._errors import Terminated
+from ._names import LOCAL_WORKER_ENV
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 POLL_S = 0.2  # seconds between looks at the workers: the delay before a failed worker's siblings are stopped

@@ -32,40 +32,26 @@ import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from . import locks
-from .redact import mask_secrets
-from .errors import ConfigError, one_line
-
-PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the MLflow parent run, reused on resume
-RUN_ID_ATTR = "mlflow_run_id"  # trial user attr: the trial's MLflow run
-FAIL_REASON_ATTR = "fail_reason"  # trial user attr: why a trial failed
-END_REASON_ATTR = "end_reason"  # trial user attr: why a trial ended early without failing (pruned)
-OVERRIDES_ATTR = "overrides"  # trial user attr: the command-line overrides that reproduce the trial
-WORKER_ATTR = "worker"  # trial user attr: host:pid of the sweeper process that claimed the trial
-# A trial's job finds its trial through environment variables, so the identity crosses into launcher processes
-# (joblib, SLURM) without entering the app's config. The storage URL may hold a password: it travels in the
-# sweeper process's own environment, which child processes inherit, never through Hydra's saved job config.
-STORAGE_ENV = "OPTUNA_SWEEP_STORAGE"  # Optuna storage URL of the study
-STUDY_ENV = "OPTUNA_SWEEP_STUDY"  # study name
-TRIAL_ENV = "OPTUNA_SWEEP_TRIAL"  # trial number within the study
-PRUNER_ENV = "OPTUNA_SWEEP_PRUNER"  # the pruner as JSON: {"_target_": "optuna.pruners.MedianPruner", ...}
-DEADLINE_ENV = "OPTUNA_SWEEP_DEADLINE"  # hydra.sweeper.timeout as a Unix time: a job's report past it stops the job
-# study user attrs, one per invocation (sweeper process) that ran trials: [start, last seen] in Unix seconds; their
-# union is the time the study has spent, which a resumed hydra.sweeper.timeout goes on from
-TIME_SPENT_ATTR_PREFIX = "sweep_time:"
-# set in the environment of the sweep's local worker processes only (hydra.sweeper.local_workers): JSON of
-# local_workers.LocalWorker, {"study": name, "n_trials": budget of this invocation, "report_fd": pipe}
-LOCAL_WORKER_ENV = "OPTUNA_SWEEP_LOCAL_WORKER"
-PRUNER_TARGETS = "optuna.pruners."  # what PRUNER_ENV may build
+from . import _locks as locks
+from ._errors import ConfigError, one_line
+from ._names import FAIL_REASON_ATTR, WORKER_ATTR
+from ._optuna_adapter import engine, fail_stale_trials, heartbeat_interval, record_heartbeat, set_trial_user_attr, \
+    trial_id
+from ._redact import mask_secrets
 STUDY_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # a file name on every OS, no path parts
 CONNECT_TIMEOUT_S = 5  # a worker whose database does not answer in this many seconds stops with a clear error
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-# Heartbeats, stale-trial retries and the matplotlib plots are "experimental" in Optuna since 2.x; they are what
-# this module is built on, so the per-call warnings are noise. Heartbeats with ask/tell are deliberate here.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-warnings.filterwarnings("ignore", message="Target and region quantiles select the same set of trials")
+
+
+def quiet_optuna() -> None:
+    """Called when a sweep or a trial's job starts (never at import: an app that only imports the plugin keeps its
+    own warnings). Heartbeats, stale-trial retries and the matplotlib plots are "experimental" in Optuna since 2.x;
+    they are what the sweeper is built on, so their per-call warnings are noise. Heartbeats with ask/tell are
+    deliberate here. Optuna's per-trial INFO lines are replaced by the sweeper's own."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    warnings.filterwarnings("ignore", message="Target and region quantiles select the same set of trials")
 
 
 def study_name_for(space_name: str, search_space: dict[str, Any], fixed: Sequence[str]) -> str:
@@ -123,7 +109,7 @@ def open_study(storage: RDBStorage, name: str | None, directions: list[str],
                                     load_if_exists=True)
     except ValueError as e:  # e.g. resumed with other directions
         raise ConfigError(f"study {name!r}: {e}") from None
-    optuna.storages.fail_stale_trials(study)
+    fail_stale_trials(study)
     return study
 
 
@@ -165,19 +151,14 @@ def claim_lock(storage: RDBStorage, study_name: str) -> ContextManager[None]:
     PostgreSQL: an advisory lock; SQLite: a file lock beside the database. Both are released when their holder
     dies, so a SIGKILLed worker cannot block the others. Other databases get no lock (and a warning): there workers
     can overshoot n_trials by a trial or two."""
-    url = storage.engine.url
+    url = engine(storage).url
     if url.get_backend_name() == "postgresql":
-        return locks.advisory_lock(storage.engine, f"optuna sweep claim {study_name}")
+        return locks.advisory_lock(engine(storage), f"optuna sweep claim {study_name}")
     if url.get_backend_name() == "sqlite":
         database = locks.sqlite_file(url.render_as_string())
         return locks.file_lock(database) if database else nullcontext()
     warnings.warn(f"{url.get_backend_name()} storage: no claim lock, workers may overshoot n_trials")
     return nullcontext()
-
-
-def trial_id(storage: RDBStorage, study_name: str, number: int) -> int:
-    """The storage's id of a trial, through the storage's public lookups."""
-    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
 
 
 def claim_trials(study: optuna.Study, storage: RDBStorage, n_trials: int, most: int,
@@ -190,7 +171,7 @@ def claim_trials(study: optuna.Study, storage: RDBStorage, n_trials: int, most: 
     before the next worker may count. A re-queued trial is claimed before a new one is created. When the sampler
     or `prepare` fails, the trials this call created are told FAIL with the reason: none is left RUNNING."""
     with claim_lock(storage, study.study_name):
-        optuna.storages.fail_stale_trials(study)
+        fail_stale_trials(study)
         room = n_trials - budget_used(study)
         if room <= 0:
             return []
@@ -202,16 +183,15 @@ def claim_trials(study: optuna.Study, storage: RDBStorage, n_trials: int, most: 
             for _ in range(min(most, room)):
                 trial = study.ask()
                 batch.append(trial)
-                if storage.get_heartbeat_interval():
-                    storage.record_heartbeat(trial_id(storage, study.study_name, trial.number))
+                if heartbeat_interval(storage):
+                    record_heartbeat(storage, trial_id(storage, study.study_name, trial.number))
                 trial.set_user_attr(WORKER_ATTR, worker)
                 prepare(trial)
         except BaseException as e:
             reason = f"the sampler could not propose a trial: {one_line(e)}"
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 if t.number not in known:  # created by this call (ask may fail after creating its trial)
-                    storage.set_trial_user_attr(trial_id(storage, study.study_name, t.number), FAIL_REASON_ATTR,
-                                                reason)
+                    set_trial_user_attr(storage, study.study_name, t.number, FAIL_REASON_ATTR, reason)
                     study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             if isinstance(e, Exception) and not isinstance(e, ConfigError):
                 raise ConfigError(f"hydra.sweeper.sampler: {reason}") from None
@@ -225,7 +205,7 @@ def fail_running_trials_of(study: optuna.Study, storage: RDBStorage, worker: str
     numbers = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.user_attrs.get(WORKER_ATTR) == worker:
-            storage.set_trial_user_attr(trial_id(storage, study.study_name, t.number), FAIL_REASON_ATTR, reason)
+            set_trial_user_attr(storage, study.study_name, t.number, FAIL_REASON_ATTR, reason)
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             numbers.append(t.number)
     return numbers
@@ -257,7 +237,7 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
 def heartbeat(storage: RDBStorage, trial_ids: Sequence[int]) -> Iterator[None]:
     """Record the trials' heartbeats while their jobs run (ask/tell gives no heartbeat by itself); nothing when
     the storage has heartbeats off."""
-    interval = storage.get_heartbeat_interval()
+    interval = heartbeat_interval(storage)
     if not interval:
         yield
         return
@@ -267,7 +247,7 @@ def heartbeat(storage: RDBStorage, trial_ids: Sequence[int]) -> Iterator[None]:
         while True:
             for trial_id in trial_ids:
                 try:
-                    storage.record_heartbeat(trial_id)
+                    record_heartbeat(storage, trial_id)
                 except Exception:  # a finished trial, a hiccup of the database: the next beat retries
                     pass
             if stop.wait(interval):
@@ -286,157 +266,3 @@ def reseeded(sampler_seed: int | None, used: int) -> int | None:
     """A resumed study must not replay the random start of the last invocation: offset the seed by the
     number of trials already in the study (deterministic for the same history)."""
     return None if sampler_seed is None else sampler_seed + used
-
-
-# -- the time budget (hydra.sweeper.timeout) ---------------------------------------------------------------------
-
-def union_seconds(intervals: Sequence[tuple[float, float]]) -> float:
-    """Seconds covered by the intervals: workers that ran at the same time count their shared time once."""
-    total, end = 0.0, -math.inf
-    for start, stop in sorted(intervals):
-        if stop > end:
-            total += stop - max(start, end)
-            end = stop
-    return total
-
-
-def time_spent(user_attrs: Mapping[str, Any]) -> float:
-    """Seconds the study's invocations have run, from their TIME_SPENT_ATTR_PREFIX attrs."""
-    return union_seconds([tuple(v) for k, v in user_attrs.items() if k.startswith(TIME_SPENT_ATTR_PREFIX)])
-
-
-@dataclass(frozen=True)
-class SweepClock:
-    """One sweeper invocation's share of hydra.sweeper.timeout: when it started, and when it must stop starting
-    trials (None: no timeout)."""
-
-    invocation: str  # host:pid:start of the process that records this invocation's time in the study
-    started: float  # Unix seconds
-    deadline: float | None  # Unix seconds
-
-    @classmethod
-    def start(cls, timeout: float | None, spent_before: float, now: float | None = None) -> "SweepClock":
-        """What is left of the study's timeout (`spent_before` seconds of it used by earlier invocations)."""
-        now = time.time() if now is None else now
-        invocation = f"{socket.gethostname()}:{os.getpid()}:{now:.0f}"
-        return cls(invocation, now, None if timeout is None else now + timeout - spent_before)
-
-    def past(self, now: float | None = None) -> bool:
-        return past(self.deadline, now)
-
-    def record(self, study: optuna.Study) -> None:
-        """Note in the study that this invocation has run until now; called as it goes, so a killed one counts."""
-        if self.deadline is not None:
-            study.set_user_attr(TIME_SPENT_ATTR_PREFIX + self.invocation, [self.started, time.time()])
-
-
-def past(deadline: float | None, now: float | None = None) -> bool:
-    return deadline is not None and (time.time() if now is None else now) >= deadline
-
-
-@dataclass(frozen=True)
-class TrialRef:
-    """What a trial's job needs to find its trial; crosses processes as environment variables."""
-
-    storage: str
-    study: str
-    number: int
-    pruner: str = "{}"  # JSON of the pruner's _target_ and arguments; {} never prunes
-    deadline: float | None = None  # Unix time at which the sweep's time budget ends; None: no timeout
-
-    def job_env(self) -> dict[str, str]:
-        """The per-trial part, set in the job's environment by the launcher (no secret in it)."""
-        return {STUDY_ENV: self.study, TRIAL_ENV: str(self.number)}
-
-    def sweep_env(self) -> dict[str, str]:
-        """The part shared by every trial of the sweep, set in the sweeper's own environment (the storage URL)."""
-        return {STORAGE_ENV: self.storage, PRUNER_ENV: self.pruner,
-                DEADLINE_ENV: "" if self.deadline is None else repr(self.deadline)}
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "TrialRef | None":
-        """The trial this process runs, or None outside a sweep."""
-        if not env.get(TRIAL_ENV) or not env.get(STORAGE_ENV):
-            return None
-        return cls(env[STORAGE_ENV], env[STUDY_ENV], int(env[TRIAL_ENV]), env.get(PRUNER_ENV) or "{}",
-                   deadline_from_env(env))
-
-
-def deadline_from_env(env: Mapping[str, str]) -> float | None:
-    return float(env[DEADLINE_ENV]) if env.get(DEADLINE_ENV) else None
-
-
-def build_pruner(spec: str) -> optuna.pruners.BasePruner:
-    """A pruner from its JSON spec ({"_target_": "optuna.pruners.X", **arguments}); none: NopPruner."""
-    kwargs = json.loads(spec)
-    target = kwargs.pop("_target_", None)
-    kwargs.pop("_partial_", None)
-    if not target:
-        return optuna.pruners.NopPruner()
-    if not target.startswith(PRUNER_TARGETS):
-        raise ConfigError(f"hydra.sweeper.pruner._target_={target!r} is not allowed: use optuna.pruners.*")
-    try:
-        return getattr(optuna.pruners, target.removeprefix(PRUNER_TARGETS))(**kwargs)
-    except (AttributeError, TypeError, ValueError) as e:
-        raise ConfigError(f"hydra.sweeper.pruner: {target} could not be built: {e}") from None
-
-
-class TrialReport:
-    """A job's link to its trial: `report(value, step)` each epoch (or any step), which raises optuna.TrialPruned
-    when the pruner says stop. Multi-objective trials are not pruned (Optuna cannot); they record the values."""
-
-    def __init__(self, ref: TrialRef) -> None:
-        storage = make_storage(ref.storage)  # reports only: the sweeper keeps the heartbeat
-        study = optuna.load_study(study_name=ref.study, storage=storage, pruner=build_pruner(ref.pruner))
-        self.trial = optuna.trial.Trial(study, trial_id(storage, ref.study, ref.number))
-        self.number = ref.number
-        self.study = ref.study
-        self.deadline = ref.deadline
-        self.multi_objective = len(study.directions) > 1
-
-    def report(self, value: float, step: int, last: bool = False) -> None:
-        """`last`: the job's final step is recorded but never pruned: the work is done, and a pruner that judges
-        every step (successive halving has a rung at 9 epochs of a 9-epoch trial) would throw a finished result
-        away as PRUNED."""
-        if self.multi_objective:
-            self.trial.set_user_attr(f"step_{step}", value)
-        else:
-            self.trial.report(value, step=step)
-            if not last and self.trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at step {step}: value {value:.4g}")
-        if not last and past(self.deadline):
-            raise optuna.TrialPruned(f"stopped at step {step} (value {value:.4g}): the sweep's time budget "
-                                     "(hydra.sweeper.timeout) ran out")
-
-    def set_user_attr(self, key: str, value: Any) -> None:
-        self.trial.set_user_attr(key, value)
-
-
-class NoTrial:
-    """Outside a sweep: reports go nowhere, so the same code runs alone and as a trial."""
-
-    number = None
-    study = None
-
-    def report(self, value: float, step: int, last: bool = False) -> None:
-        pass
-
-    def set_user_attr(self, key: str, value: Any) -> None:
-        pass
-
-
-def current_trial(env: Mapping[str, str] | None = None) -> TrialReport | NoTrial:
-    """The trial this process runs for the sweeper (`hydra/sweeper=optuna_pruning`), or a no-op outside a sweep.
-
-        trial = current_trial()
-        for epoch in range(1, epochs + 1):
-            ...
-            trial.report(val_acc, step=epoch)  # raises optuna.TrialPruned when the pruner says stop
-    """
-    ref = TrialRef.from_env(os.environ if env is None else env)
-    return NoTrial() if ref is None else _trial_report(ref)
-
-
-@functools.lru_cache(maxsize=4)
-def _trial_report(ref: TrialRef) -> TrialReport:
-    return TrialReport(ref)  # one per trial per process: loading the study is a database round trip
