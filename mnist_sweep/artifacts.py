@@ -1,6 +1,6 @@
 """What a training run leaves in MLflow besides its metrics and params: the net's weights (and rebuilding the net
 from them), the dataset it trained on, and the test set's confusion matrix. Needs torch: only processes that train
-or load a net import it (a sweep's main process records through tracking.py alone)."""
+or load a net import it (a sweep's main process records through tracking.py and the sweeper plugin alone)."""
 
 from __future__ import annotations
 

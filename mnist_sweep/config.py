@@ -50,7 +50,7 @@ CONFIG_PATH = str(SOURCE / "conf") if SOURCE else "pkg://mnist_sweep.conf"
 # outputs/configs (where sweeps write <study>_best experiments) is on Hydra's search path before it exists: every
 # composition (the CLI, the bench, replay) would warn about it until the first sweep writes there
 warnings.filterwarnings("ignore", message=r".*path=outputs/configs is not available")
-TRUSTED_TARGETS = ("torch.optim.*",)  # what the optimizer's and scheduler's _target_ may name (pruners: study.py)
+TRUSTED_TARGETS = ("torch.optim.*",)  # what the optimizer's and scheduler's _target_ may name (pruners: the sweeper plugin's _trial.py)
 
 
 def _section(cfg: DictConfig, key: str, cls: type) -> Any:
