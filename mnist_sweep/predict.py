@@ -131,7 +131,8 @@ def load_model(client, run_id: str | None, model_name: str | None, storage: str)
     if version is not None:
         return LoadedModel(*registry.load_registered_model(client, model_name, version.version),
                            source=f"models:/{model_name}/{version.version}")
-    from .report import best_trial, open_existing_study
+    from .records import open_existing_study
+    from .report import best_trial
     from hydra_plugins.hydra_optuna_pruning_sweeper import RUN_ID_ATTR
 
     try:

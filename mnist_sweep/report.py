@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 import hydra_plugins.hydra_optuna_pruning_sweeper as sweeper
 
 from . import artifacts, tracking
+from .records import open_existing_study
 from .data import background, default_root, load_mnist, normalize
 from .errors import ConfigError, UserError, one_line
 
@@ -220,33 +221,6 @@ def check_study_name(name: str, key: str = "--study") -> str:
 def _breakable(name: str) -> str:
     """HTML of a parameter name that may wrap after '.' and '_' (a wide leaderboard stays on the page)."""
     return html.escape(name).replace(".", ".<wbr>").replace("_", "_<wbr>")
-
-
-def latest_study(storage) -> str:
-    """The name of the study whose trials started last (a study without trials counts as oldest)."""
-    import datetime
-
-    summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
-    if not summaries:
-        raise UserError("the Optuna storage holds no study yet: run a sweep first (python -m mnist_sweep "
-                        "--multirun) or pass --storage")
-    oldest = datetime.datetime.min
-    return max(summaries, key=lambda s: s.datetime_start or oldest).study_name
-
-
-def open_existing_study(storage_url: str, name: str | None) -> optuna.Study:
-    """Load a study; a missing SQLite file or study name is a UserError that says what exists."""
-    database = sweeper.sqlite_file(storage_url)
-    if database is not None and not database.is_file():
-        raise UserError(f"--storage {storage_url}: no such SQLite file (run a sweep here first, or point "
-                        "--storage at its outputs/optuna.db)")
-    storage = sweeper.make_storage(storage_url)
-    name = name or latest_study(storage)
-    try:
-        return optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
-        raise UserError(f"--study {name!r} is not in {storage_url}; its studies: {', '.join(names)}") from None
 
 
 def evaluate_run_model(client, run_id: str, data_root: str) -> tuple[dict[str, float], dict[str, Any]]:

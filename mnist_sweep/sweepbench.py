@@ -225,14 +225,16 @@ class Run:
 
 
 def read_trials(storage_url: str, name: str, started: float) -> list[Trial]:
-    import optuna
-
+    """The study's trials, read as the report reads them; none when the study was never created (its process
+    failed before)."""
     from hydra_plugins.hydra_optuna_pruning_sweeper import RUN_ID_ATTR
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from .errors import UserError
+    from .records import open_existing_study
+
     try:
-        study = optuna.load_study(study_name=name, storage=storage_url)
-    except KeyError:  # the study was never created: the process failed before
+        study = open_existing_study(storage_url, name)
+    except UserError:
         return []
     return [Trial(t.number, t.state.name, t.value if t.state.name == "COMPLETE" else None,
                   t.datetime_complete.timestamp() - started if t.datetime_complete else None,
@@ -242,18 +244,18 @@ def read_trials(storage_url: str, name: str, started: float) -> list[Trial]:
 
 def read_runs(database: Path, experiment: str, started: float) -> list[Run]:
     """Every run of the study's own MLflow store that logged an epoch (a parent run logs none)."""
-    from mlflow.tracking import MlflowClient
+    from . import tracking
+    from .records import metric_histories
 
     if not database.is_file():
         return []
-    client = MlflowClient(tracking_uri=f"sqlite:///{database}")
+    client = tracking.existing_client(f"sqlite:///{database}")
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
     runs = []
     for r in client.search_runs([exp.experiment_id], max_results=50_000):
-        history = {key: {m.step: m for m in client.get_metric_history(r.info.run_id, key)}
-                   for key in (METRIC, "epoch_seconds", "val_seconds")}
+        history = metric_histories(client, r.info.run_id, (METRIC, "epoch_seconds", "val_seconds"))
         epochs = tuple(Epoch(step, m.timestamp / 1000 - started, m.value,
                              _value(history["epoch_seconds"].get(step)) + _value(history["val_seconds"].get(step)))
                        for step, m in sorted(history[METRIC].items()))
