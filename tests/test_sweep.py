@@ -287,19 +287,21 @@ def test_a_plain_hydra_grid_runs_with_the_basic_sweeper(tmp_path, mnist_root):
 
 
 def test_a_job_that_returns_no_number_fails_its_trial_and_the_sweep_goes_on(tmp_path):
-    """A foreign Hydra app on this sweeper whose task returns None or a string for some points."""
+    """A foreign Hydra app on this sweeper whose task returns None or a word for some points, and a numpy scalar
+    (what a metric computed with numpy is) for another: that one counts, as upstream counts it."""
     (tmp_path / "app.py").write_text(
         "import hydra\n"
         "@hydra.main(config_path='.', config_name='config')\n"
         "def main(cfg):\n"
-        "    return {1: 0.5, 2: None, 3: 'abc'}[cfg.x]\n"
+        "    import numpy\n"
+        "    return {1: 0.5, 2: None, 3: 'abc', 4: numpy.float32(0.25)}[cfg.x]\n"
         "if __name__ == '__main__':\n"
         "    main()\n")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({
         "defaults": [{"override hydra/sweeper": "optuna_pruning"}, {"override hydra/sweeper/sampler": "grid"},
                      "_self_"],
         "x": 1,
-        "hydra": {"sweeper": {"params": {"x": "choice(1,2,3)"}, "n_trials": 3, "max_failure_rate": 1.0,
+        "hydra": {"sweeper": {"params": {"x": "choice(1,2,3,4)"}, "n_trials": 4, "max_failure_rate": 1.0,
                               "study_name": "f", "storage": f"sqlite:///{tmp_path / 'optuna.db'}"},
                   "sweep": {"dir": str(tmp_path / "sweep")}}}))
     import subprocess
@@ -311,8 +313,11 @@ def test_a_job_that_returns_no_number_fails_its_trial_and_the_sweep_goes_on(tmp_
     study = load(tmp_path, "f")
     by_x = {t.params["x"]: t for t in study.trials}
     assert by_x[1].state == TrialState.COMPLETE and by_x[1].value == 0.5
-    for x in (2, 3):
-        assert by_x[x].state == TrialState.FAIL and "expected a number" in by_x[x].user_attrs["fail_reason"]
+    assert by_x[4].state == TrialState.COMPLETE and by_x[4].value == 0.25
+    for x, kind in ((2, "NoneType"), (3, "str")):
+        reason = by_x[x].user_attrs["fail_reason"]
+        assert by_x[x].state == TrialState.FAIL and f"of type {kind}, which float() cannot convert" in reason
+        assert reason.startswith(f"trial {by_x[x].number}: ")
     assert "Traceback" not in result.stderr
 
 
