@@ -157,6 +157,7 @@ def test_total_budget_resumes_the_study(tmp_path):
 
 
 def test_a_plain_mlflow_start_run_logs_into_its_trials_run(tmp_path):
+    pytest.importorskip("mlflow")  # the [mlflow] extra
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

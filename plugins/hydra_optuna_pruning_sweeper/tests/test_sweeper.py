@@ -150,7 +150,7 @@ def test_every_advertised_sampler_builds_and_proposes_trials(name):
 
 
 @pytest.mark.skipif(not UPSTREAM_INSTALLED, reason="motpe is an option of upstream's config only; without it "
-                    "test_plugin.py::test_the_removed_motpe_sampler_is_a_clear_error covers Hydra's answer")
+                    "test_upstream.py::test_the_removed_motpe_sampler_is_a_clear_error covers Hydra's answer")
 def test_the_removed_motpe_sampler_is_one_clear_error():
     s = OptunaPruningSweeper(sampler=sampler_config("motpe"))
     with pytest.raises(ConfigError, match="motpe' sampler was removed in Optuna 4.0. Use 'hydra/sweeper/sampler=tpe'"):
