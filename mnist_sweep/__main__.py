@@ -18,10 +18,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from . import tracking
+from . import shell, tracking
 from .config import CONFIG_PATH, build_recording, build_spec
-from .errors import ConfigError, Terminated, UserError
-from hydra_plugins.hydra_optuna_pruning_sweeper import has_literal_password, mask_secrets
+from .errors import ConfigError
+from hydra_plugins.hydra_optuna_pruning_sweeper import has_literal_password
 
 if TYPE_CHECKING:
     from .train import RunSpec
@@ -49,12 +49,12 @@ def _check_no_literal_password(config: DictConfig) -> None:
     """A password may reach a URL only at run time (${oc.env:VAR}, PGPASSWORD, ~/.pgpass), never as text."""
     tree = OmegaConf.to_container(config, resolve=False)
     for key, value in tracking.flatten(tree).items():
-        if isinstance(value, str) and has_literal_password(value):
-            print(f"error: {key}={mask_secrets(value)} holds a password in clear text, which would be saved in "
-                  "logs, Hydra's output folders and MLflow. Leave it out of the URL and set PGPASSWORD or "
-                  "~/.pgpass, or write it as ${oc.env:MY_DB_PASSWORD} and export MY_DB_PASSWORD",
-                  file=sys.stderr)
-            raise SystemExit(2)
+        if isinstance(value, str) and has_literal_password(value):  # error_line masks it
+            print(shell.error_line(f"{key}={value} holds a password in clear text, which would be saved in logs, "
+                                   "Hydra's output folders and MLflow. Leave it out of the URL and set PGPASSWORD "
+                                   "or ~/.pgpass, or write it as ${oc.env:MY_DB_PASSWORD} and export "
+                                   "MY_DB_PASSWORD"), file=sys.stderr)
+            raise SystemExit(shell.ERROR_EXIT)
 
 
 def _check_writable(folder: str, key: str) -> None:
@@ -64,9 +64,9 @@ def _check_writable(folder: str, key: str) -> None:
         probe.touch()
         probe.unlink()
     except OSError as e:
-        print(f"error: {key}={folder} is not a writable folder ({e.strerror or e}); point it at one, e.g. "
-              f"{key}=outputs/runs/today", file=sys.stderr)
-        raise SystemExit(2) from None
+        print(shell.error_line(f"{key}={folder} is not a writable folder ({e.strerror or e}); point it at one, "
+                               f"e.g. {key}=outputs/runs/today"), file=sys.stderr)
+        raise SystemExit(shell.ERROR_EXIT) from None
 
 
 def run_config(cfg: DictConfig, env: Mapping[str, str], sweeping: bool = False) -> list[float]:
@@ -95,34 +95,24 @@ def main(cfg: DictConfig) -> float | list[float]:
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         values = run_config(cfg, os.environ, sweeping)
-    except UserError as e:
-        if sweeping:
+    except shell.SHOWN as e:
+        if sweeping:  # the sweeper ends the trial (FAIL, or interrupted) and says why once for the whole sweep
             raise
-        print(f"error: {mask_secrets(str(e))}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt as e:
-        if sweeping:
-            raise
-        terminated = isinstance(e, Terminated)
-        print(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}: the MLflow run is marked KILLED",
-              file=sys.stderr)
-        raise SystemExit(143 if terminated else 130) from None
+        # inside the task function: an exception let out of it would reach Hydra, which prints its own report
+        raise SystemExit(shell.exit_status(e, "the MLflow run is marked KILLED")) from None
     return values[0] if len(values) == 1 else values
 
 
 APP_NAME = "mnist-sweep"  # the console script ([project.scripts] in pyproject.toml)
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated()
-
-
 def cli() -> None:
     # Hydra's bash completion registers itself for the program in argv[0]; under `python -m` that is this file,
     # which would hook every `python` command and still complete nothing. Name the console script instead.
     sys.argv[0] = APP_NAME
-    # SIGTERM (kill, docker stop, SLURM, Kubernetes) ends runs and sweeps the way Ctrl-C does, not abruptly
-    signal.signal(signal.SIGTERM, _terminate)
+    # SIGTERM (kill, docker stop, SLURM, Kubernetes) ends runs and sweeps the way Ctrl-C does, not abruptly: the
+    # shell's handler, set for the whole process (it is this command's), where the other commands set it per main()
+    signal.signal(signal.SIGTERM, shell.raise_terminated)
     main()
 
 

@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from . import machine
+from . import machine, shell
 from .data import clear_cache
 from .errors import UserError
 from .model import training_flops_per_image
@@ -286,6 +286,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return ap.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
+@shell.command(stopped="no results written")
 def main(argv: list[str] | None = None) -> int:
     from .config import compose_spec  # Hydra stays at the edge; this module gets RunSpecs
 
@@ -293,41 +294,37 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     names = [n.strip() for n in (args.recipes or ",".join(RECIPES)).split(",") if n.strip()]
     skipped = {}
-    try:
-        unknown = [n for n in names if n not in RECIPES]
-        if unknown or not names:
-            raise UserError(f"--recipes={args.recipes!r}: unknown {', '.join(unknown) or 'empty list'}; "
-                            f"allowed: {', '.join(RECIPES)}")
-        if args.seeds < 1 or args.classic_seeds < 1:
-            raise UserError(f"--seeds={args.seeds} and --classic-seeds={args.classic_seeds} must be >= 1")
-        if args.ceiling_seconds is not None and not args.ceiling_seconds >= 0:
-            raise UserError(f"--ceiling-seconds={args.ceiling_seconds} must be >= 0 (0 skips the ceiling)")
-        # --quick's one epoch is an override, so that schedules composed from trainer.epochs (one-cycle) follow it
-        quick = ["trainer.epochs=1"] if args.quick else []
-        specs = {n: compose_spec(RECIPES[n].overrides + args.overrides + quick) for n in names}  # config errors first
-        device = prepare_device(next(iter(specs.values())))
-        for n, s in list(specs.items()):
-            emulated = check_precision(s.trainer.precision, device)
-            if emulated and args.recipes is None:
-                skipped[n] = emulated
-                del specs[n]
-                names.remove(n)
-        seconds = args.ceiling_seconds if args.ceiling_seconds is not None else 0.2 if args.quick else 3.0
-        max_n = 8192 if device.type == "cuda" else 4096  # a GPU needs the larger size to reach its rate
-        ceiling = {p: matmul_gflops(dtype, device, seconds, max_n) for p, dtype in PRECISION_DTYPES.items()
-                   if seconds > 0}
-        runs = []
-        for name in names:
-            seeds = 1 if args.quick else (args.seeds if RECIPES[name].record else args.classic_seeds)
-            for i in range(seeds):
-                spec = specs[name]
-                spec = replace(spec, trainer=replace(spec.trainer, seed=spec.trainer.seed + i))
-                stop = args.stop_at_target or not RECIPES[name].record
-                runs.append(run_recipe(name, spec, args.target, stop_at_target=stop, on_epoch=progress_line,
-                                       count_copies=args.count_copies and i == 0))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown or not names:
+        raise UserError(f"--recipes={args.recipes!r}: unknown {', '.join(unknown) or 'empty list'}; "
+                        f"allowed: {', '.join(RECIPES)}")
+    if args.seeds < 1 or args.classic_seeds < 1:
+        raise UserError(f"--seeds={args.seeds} and --classic-seeds={args.classic_seeds} must be >= 1")
+    if args.ceiling_seconds is not None and not args.ceiling_seconds >= 0:
+        raise UserError(f"--ceiling-seconds={args.ceiling_seconds} must be >= 0 (0 skips the ceiling)")
+    # --quick's one epoch is an override, so that schedules composed from trainer.epochs (one-cycle) follow it
+    quick = ["trainer.epochs=1"] if args.quick else []
+    specs = {n: compose_spec(RECIPES[n].overrides + args.overrides + quick) for n in names}  # config errors first
+    device = prepare_device(next(iter(specs.values())))
+    for n, s in list(specs.items()):
+        emulated = check_precision(s.trainer.precision, device)
+        if emulated and args.recipes is None:
+            skipped[n] = emulated
+            del specs[n]
+            names.remove(n)
+    seconds = args.ceiling_seconds if args.ceiling_seconds is not None else 0.2 if args.quick else 3.0
+    max_n = 8192 if device.type == "cuda" else 4096  # a GPU needs the larger size to reach its rate
+    ceiling = {p: matmul_gflops(dtype, device, seconds, max_n) for p, dtype in PRECISION_DTYPES.items()
+               if seconds > 0}
+    runs = []
+    for name in names:
+        seeds = 1 if args.quick else (args.seeds if RECIPES[name].record else args.classic_seeds)
+        for i in range(seeds):
+            spec = specs[name]
+            spec = replace(spec, trainer=replace(spec.trainer, seed=spec.trainer.seed + i))
+            stop = args.stop_at_target or not RECIPES[name].record
+            runs.append(run_recipe(name, spec, args.target, stop_at_target=stop, on_epoch=progress_line,
+                                   count_copies=args.count_copies and i == 0))
     precision = {n: s.trainer.precision for n, s in specs.items()}
     rows = summarize(runs, ceiling, precision)
     table = markdown_table(rows, args.target)

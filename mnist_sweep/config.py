@@ -14,6 +14,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .config_types import check_fields, check_numeric_kwargs, is_number, shown
+from .shell import DEFAULT_TRACKING_URI
 from .errors import ConfigError, one_line
 from .metrics import metric_directions, metric_names
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 class Recording:
     """Where and how a run is recorded in MLflow (the `mlflow` section)."""
 
-    tracking_uri: str  # sqlite:///mlflow.db, or a tracking server's http(s) URL
+    tracking_uri: str  # a SQLite store (DEFAULT_TRACKING_URI), or a tracking server's http(s) URL
     experiment: str  # the MLflow experiment that holds the runs
     run_name: str | None = None  # null: MLflow picks one (a sweep names its trials trial-<n>)
     registered_model: str | None = None  # a sweep registers its best model under this name
@@ -110,7 +111,7 @@ def build_recording(cfg: DictConfig) -> Recording:
     """The mlflow section, checked before any MLflow call (an empty experiment name would fail only once the run
     is being created)."""
     mlflow = cfg.mlflow
-    for name, example in (("tracking_uri", "sqlite:///mlflow.db"), ("experiment", "mnist_sweep")):
+    for name, example in (("tracking_uri", DEFAULT_TRACKING_URI), ("experiment", "mnist_sweep")):
         value = mlflow.get(name)
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(f"mlflow.{name}={shown(value)} must be a non-empty string, e.g. "
@@ -147,8 +148,8 @@ def compose_spec(overrides: list[str]) -> RunSpec:
     try:
         with initialize(config_path=CONFIG_PATH):
             cfg = compose("config", overrides=[*no_sweep, *overrides])
-    except HydraException as e:
-        raise ConfigError(f"overrides {' '.join(overrides)}: {e}") from None
+    except HydraException as e:  # its first line, as compose_sweep: Hydra adds the search path and more lines
+        raise ConfigError(f"overrides {' '.join(overrides)}: {one_line(e, typed=False)}") from None
     return build_spec(cfg)
 
 

@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from . import shell
+from .errors import UserError
+
 Curve = Sequence[float]  # val/acc after epoch 1, 2, ..., last
 
 
@@ -152,22 +155,25 @@ def curves_of(folders: Sequence[Path]) -> list[list[float]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    from hydra_plugins.hydra_optuna_pruning_sweeper import build_pruner
-
+def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m mnist_sweep.fidelity", description=__doc__.split("\n\n")[0])
     ap.add_argument("folders", nargs="+", type=Path, help="sweep-benchmark study folders of unpruned studies")
     ap.add_argument("--orders", type=int, default=200, help="random orders each pruner is replayed in")
     ap.add_argument("--epoch-budget", type=int, default=120, help="epochs each replay may train, drawing trials "
                     "with replacement (120: 780 s x 2 workers at ~13 s an epoch); 0: each trial once")
-    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    return ap.parse_args(argv)
+
+
+@shell.command(stopped="the table is incomplete")
+def main(argv: list[str] | None = None) -> int:
+    from hydra_plugins.hydra_optuna_pruning_sweeper import build_pruner
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     curves = curves_of(args.folders)
     length = max((len(c) for c in curves), default=0)
     full = [c for c in curves if len(c) == length]
     if len(full) < 3:
-        print(f"error: {len(full)} complete trial(s) in {', '.join(map(str, args.folders))}; need 3 or more",
-              file=sys.stderr)
-        return 2
+        raise UserError(f"{len(full)} complete trial(s) in {', '.join(map(str, args.folders))}; need 3 or more")
     rho = rank_correlation(full)
     print(f"{len(full)} complete trials of {length} epochs; final val/acc {min(c[-1] for c in full):.4f}-"
           f"{max(c[-1] for c in full):.4f}")

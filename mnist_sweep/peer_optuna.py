@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import shell
 from .epoch_log import EPOCH_LOG, TrialRecord
 from .errors import StopSweep, one_line
 from .peer_plan import PeerPlan, final_test_acc, optuna_pruner, prepare_trial, tpe_sampler
@@ -37,8 +38,14 @@ def run(plan: PeerPlan, folder: Path, deadline: float) -> int:
                for i in range(plan.n_jobs)]
     for w in workers:
         w.start()
-    for w in workers:
-        w.join()
+    try:
+        for w in workers:
+            w.join()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM to this process alone: else its exit would wait for the workers
+        for w in workers:
+            w.terminate()
+            w.join()
+        raise
     return next((w.exitcode for w in workers if w.exitcode), 0)
 
 
@@ -53,7 +60,7 @@ def work(plan: PeerPlan, folder: Path, index: int, deadline: float) -> None:
     study.optimize(lambda trial: objective(trial, plan, folder / EPOCH_LOG, stop), catch=(Exception,),
                    timeout=max(0.0, deadline - time.time()))
     if stop:
-        print(f"error: {stop[0]}", file=sys.stderr, flush=True)
+        print(shell.error_line(stop[0]), file=sys.stderr, flush=True)
         sys.exit(2)
 
 

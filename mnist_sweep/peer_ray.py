@@ -20,6 +20,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from . import shell
 from .epoch_log import EPOCH_LOG, TrialRecord
 from .errors import StopSweep, one_line
 from .peer_plan import (ASHA, EPOCHS_ATTR, FIFO, MEDIAN_STOPPING, PeerPlan, final_test_acc, prepare_trial,
@@ -175,6 +176,6 @@ def run(plan: PeerPlan, folder: Path, deadline: float) -> int:
     finally:
         ray.shutdown()
     if (folder / STOPPED).exists():
-        print(f"error: {(folder / STOPPED).read_text()}", file=sys.stderr, flush=True)
+        print(shell.error_line((folder / STOPPED).read_text()), file=sys.stderr, flush=True)
         return 2
     return 0

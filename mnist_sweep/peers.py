@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import shell
 from .errors import UserError
 from .sweepbench import OPTIONAL, PEERS
 
@@ -29,30 +30,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return ap.parse_intermixed_args(argv)  # the overrides after --, behind the options
 
 
+@shell.command(stopped="the study was stopped")
 def main(argv: list[str] | None = None) -> int:
     started = time.time()  # the budget runs from here: the bench's SIGTERM is what really ends the study
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        if not args.budget > 0:
-            raise UserError(f"--budget={args.budget:g} must be > 0 (wall-clock seconds)")
-        folder = Path(args.folder).absolute()
-        if not folder.is_dir():
-            raise UserError(f"--folder={folder} is not a folder")
-        if args.study == "ray":
-            _check_ray()
-        from .peer_plan import make_plan
+    if not args.budget > 0:
+        raise UserError(f"--budget={args.budget:g} must be > 0 (wall-clock seconds)")
+    folder = Path(args.folder).absolute()
+    if not folder.is_dir():
+        raise UserError(f"--folder={folder} is not a folder")
+    if args.study == "ray":
+        _check_ray()
+    from .peer_plan import make_plan
 
-        plan = make_plan(args.overrides, args.seed, os.cpu_count() or 1)
-        if args.study == "ray":
-            from . import peer_ray
+    plan = make_plan(args.overrides, args.seed, os.cpu_count() or 1)
+    if args.study == "ray":
+        from . import peer_ray
 
-            return peer_ray.run(plan, folder, started + args.budget)
-        from . import peer_optuna
+        return peer_ray.run(plan, folder, started + args.budget)
+    from . import peer_optuna
 
-        return peer_optuna.run(plan, folder, started + args.budget)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+    return peer_optuna.run(plan, folder, started + args.budget)
 
 
 def _check_ray() -> None:

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import artifacts, registry, tracking
+from . import artifacts, registry, shell, tracking
 from .errors import UserError, one_line
 from .data import background
 from .model import IMAGE_SIZE
@@ -161,24 +161,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("images", nargs="+", type=Path, help="PNG or JPEG files, one digit each")
     parser.add_argument("--run-id", default=None, help="MLflow run whose model to use")
     parser.add_argument("--model", default="mnist_sweep_best", help="registered model name (mlflow.registered_model)")
-    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI")
-    parser.add_argument("--storage", default="sqlite:///outputs/optuna.db",
+    parser.add_argument("--tracking-uri", default=shell.DEFAULT_TRACKING_URI, help="MLflow tracking URI")
+    parser.add_argument("--storage", default=shell.DEFAULT_STORAGE,
                         help="Optuna storage, for the best trial when no model is registered")
     return parser.parse_args(argv)
 
 
+@shell.command(stopped="nothing was predicted")
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     tracking.quiet_artifact_progress()
     from rich.console import Console
     from rich.table import Table
 
-    try:
-        digits = [load_digit(p) for p in args.images]
-        loaded = load_model(tracking.existing_client(args.tracking_uri), args.run_id, args.model, args.storage)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    digits = [load_digit(p) for p in args.images]
+    loaded = load_model(tracking.existing_client(args.tracking_uri), args.run_id, args.model, args.storage)
     probs = classify(loaded.net, digits, loaded.mean, loaded.std, loaded.tta_shifts)
     table = Table(title=f"model: {loaded.source}", title_justify="left")
     for name in ["image", "digit", *map(str, range(10))]:

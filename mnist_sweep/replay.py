@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from omegaconf import OmegaConf
 
-from . import tracking
+from . import shell, tracking
 from .config import Recording, logged_spec
-from .errors import DataError, Terminated, UserError, one_line
+from .errors import DataError, UserError, one_line
 from hydra_plugins.hydra_optuna_pruning_sweeper import mask_secrets
 from .run import train_and_record
 
@@ -189,7 +188,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("run_id", nargs="?", default=None, help="the MLflow run to replay")
     parser.add_argument("--study", default=None, help="with --trial: replay this study's trial instead")
     parser.add_argument("--trial", type=int, default=None, help="with --study: the trial number")
-    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db",
+    parser.add_argument("--tracking-uri", default=shell.DEFAULT_TRACKING_URI,
                         help="the MLflow store that holds the run; the replay is recorded there too")
     parser.add_argument("--data-root", default=None,
                         help="where MNIST is on this machine, if not at the run's data.root")
@@ -219,10 +218,7 @@ def run(args: argparse.Namespace) -> int:
     return 0 if identical else 1
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated()
-
-
+@shell.command(stopped="the replay's MLflow run is marked KILLED")
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     tracking.quiet_artifact_progress()
@@ -231,19 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    previous = signal.signal(signal.SIGTERM, _terminate)  # ends the replay's run KILLED, as Ctrl-C does
     try:
         return run(args)
-    except UserError as e:
-        print(f"error: {mask_secrets(str(e))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
-        terminated = isinstance(e, Terminated)
-        print(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}: the replay's MLflow run is marked "
-              "KILLED", file=sys.stderr)
-        return 143 if terminated else 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
         log.removeHandler(handler)
         log.setLevel(level)
 

@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 import hydra_plugins.hydra_optuna_pruning_sweeper as sweeper
 
-from . import artifacts, tracking
+from . import artifacts, shell, tracking
 from .records import open_existing_study
 from .data import background, default_root, load_mnist, normalize
 from .errors import ConfigError, UserError, one_line
@@ -298,9 +298,9 @@ def write_report(study: optuna.Study, client, out: Path, data_root: str | None, 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m mnist_sweep.report", description=__doc__.splitlines()[0])
-    parser.add_argument("--storage", default="sqlite:///outputs/optuna.db", help="Optuna storage URL")
+    parser.add_argument("--storage", default=shell.DEFAULT_STORAGE, help="Optuna storage URL")
     parser.add_argument("--study", default=None, help="study name (default: the one whose trials started last)")
-    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow tracking URI")
+    parser.add_argument("--tracking-uri", default=shell.DEFAULT_TRACKING_URI, help="MLflow tracking URI")
     parser.add_argument("--out", default=None, help="output folder (default: outputs/reports/<study>)")
     parser.add_argument("--data-root", default=None, help="folder holding MNIST/raw/ for the best model's test "
                         "evaluation (default: $MNIST_ROOT, else ./data)")
@@ -309,23 +309,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@shell.command(stopped="the report was not finished")
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     tracking.quiet_artifact_progress()
     from rich.console import Console
 
     console = Console() if sys.stdout.isatty() else Console(width=200)  # piped: the table is not cut at 80
-    try:
-        if args.study is not None:
-            check_study_name(args.study)
-        study = open_existing_study(args.storage, args.study)
-        out = Path(args.out) if args.out else Path("outputs") / "reports" / check_study_name(study.study_name)
-        data_root = None if args.no_model else (args.data_root or default_root())
-        client = tracking.existing_client(args.tracking_uri)
-        rows, metrics, facts, written = write_report(study, client, out, data_root, args.top)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.study is not None:
+        check_study_name(args.study)
+    study = open_existing_study(args.storage, args.study)
+    out = Path(args.out) if args.out else Path("outputs") / "reports" / check_study_name(study.study_name)
+    data_root = None if args.no_model else (args.data_root or default_root())
+    client = tracking.existing_client(args.tracking_uri)
+    rows, metrics, facts, written = write_report(study, client, out, data_root, args.top)
     console.print(leaderboard_table(rows, metrics, f"study {study.study_name}: top {len(rows)} trials"))
     for key, value in facts.items():
         console.print(f"[bold]{key}[/bold]: {value}")

@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from . import shell
+from .errors import UserError
+
 FIRST_STEP_ENV = "MNIST_SWEEP_FIRST_STEP_FILE"  # a file a run appends the wall time of its first step to
 DEFAULT_OVERRIDES = ("hydra.sweeper.n_trials=2", "trainer.epochs=1", "mlflow.registered_model=null")
 TIMEOUT_S = 300.0  # a start-up this slow is broken, not slow
@@ -56,7 +59,7 @@ def first_step_seconds(overrides: list[str], folder: Path, env: dict[str, str], 
     just before the command started to that step."""
     marker = folder / "first_step"
     if store is not None:
-        shutil.copyfile(store, folder / "mlflow.db")  # the app's default mlflow.tracking_uri, sqlite:///mlflow.db
+        shutil.copyfile(store, folder / "mlflow.db")  # where the app's default mlflow.tracking_uri points
     command = [sys.executable, "-m", "mnist_sweep", "--multirun", *overrides]
     log = open(folder / "sweep.log", "w")
     started = time.time()
@@ -112,19 +115,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@shell.command(stopped="the running sweep was stopped")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if not os.environ.get("MNIST_ROOT") and not any(o.startswith("data.root=") for o in args.overrides):
-        print("error: set MNIST_ROOT (or pass data.root=DIR) to a folder with MNIST/raw/: the start-up is timed "
-              "on the real data", file=sys.stderr)
-        return 2
+        raise UserError("set MNIST_ROOT (or pass data.root=DIR) to a folder with MNIST/raw/: the start-up is timed "
+                        "on the real data")
     from .config import SOURCE
 
     source = Path(args.source).absolute() if args.source else SOURCE
     if args.source and not (source / "mnist_sweep" / "__main__.py").is_file():
-        print(f"error: --source {args.source}: no checkout of mnist_sweep there (no mnist_sweep/__main__.py)",
-              file=sys.stderr)
-        return 2
+        raise UserError(f"--source {args.source}: no checkout of mnist_sweep there (no mnist_sweep/__main__.py)")
     overrides = [*DEFAULT_OVERRIDES, *args.overrides]
     print(f"{source or 'installed'}: python -m mnist_sweep --multirun {shlex.join(overrides)}"
           + (" (fresh MLflow store)" if args.fresh_store else ""), file=sys.stderr, flush=True)
@@ -139,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                 seconds.append(first_step_seconds(overrides, folder, env, store))
             except RuntimeError as e:
                 kept = "" if args.keep else " (pass --keep DIR to keep the log)"
-                print(f"error: {e}{kept}", file=sys.stderr)
-                return 1
+                print(f"{shell.error_line(e)}{kept}", file=sys.stderr)
+                return 1  # not 2: the command was right, the measurement failed
             print(f"repeat {i + 1}: first training step {seconds[-1]:.2f} s after the command", flush=True)
     spread = f" ± {statistics.stdev(seconds):.2f}" if len(seconds) > 1 else ""
     print(f"mean {statistics.mean(seconds):.2f}{spread} s, min {min(seconds):.2f} s over {len(seconds)} repeat(s)")

@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from . import shell
 from .errors import UserError, one_line
 from .fidelity import rank_correlation
 
@@ -626,27 +627,24 @@ def child_env() -> dict[str, str]:
     return env
 
 
+@shell.command(stopped="the running study was stopped; no results written")
 def main(argv: list[str] | None = None) -> int:
     from .config import compose_sweep
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.quick:
         args.budget, args.sweep_seeds, args.grace = QUICK_BUDGET_S, args.sweep_seeds[:1], min(args.grace, 15.0)
-    try:
-        check_args(args)
-        args.studies = runnable(args.studies)
-        space = compose_sweep(args.overrides)
-        if space.optimized_metric != (METRIC,):
-            raise UserError(f"optimized_metric={','.join(space.optimized_metric)}: the sweep benchmark compares "
-                            f"{METRIC}; leave optimized_metric at {METRIC}")
-        out = Path(args.out).absolute()
-        folders = {(s, seed): out / f"{s}-s{seed}" for s in args.studies for seed in args.sweep_seeds}
-        for folder in folders.values():  # refuse a foreign folder before any study runs
-            if folder.exists() and not (folder / MARKER).is_file():
-                raise UserError(f"--out: {folder} exists and was not made by sweepbench; pick another --out")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_args(args)
+    args.studies = runnable(args.studies)
+    space = compose_sweep(args.overrides)
+    if space.optimized_metric != (METRIC,):
+        raise UserError(f"optimized_metric={','.join(space.optimized_metric)}: the sweep benchmark compares "
+                        f"{METRIC}; leave optimized_metric at {METRIC}")
+    out = Path(args.out).absolute()
+    folders = {(s, seed): out / f"{s}-s{seed}" for s in args.studies for seed in args.sweep_seeds}
+    for folder in folders.values():  # refuse a foreign folder before any study runs
+        if folder.exists() and not (folder / MARKER).is_file():
+            raise UserError(f"--out: {folder} exists and was not made by sweepbench; pick another --out")
     cores = os.cpu_count() or 1
     header = (f"{machine_line()}.\nBudget {args.budget:g} s per study, sampler seeds "
               f"{' '.join(map(str, args.sweep_seeds))}, {space.n_jobs} parallel trial(s) "
@@ -656,16 +654,11 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     template = empty_mlflow_store(out / ".empty-mlflow.db")
     runs: list[StudyRun] = []
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` of the bench stops the running study too
-    try:
-        for seed in args.sweep_seeds:
-            for study in args.studies:
-                runs.append(run_one(study, seed, folders[study, seed], space, cores, args, env, template))
-    except KeyboardInterrupt:
-        print("interrupted: the running study was stopped; no results written", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    # Ctrl-C or `kill` of the bench (the shell raises SIGTERM as Terminated) stops the running study's process
+    # group too: run_until's finally
+    for seed in args.sweep_seeds:
+        for study in args.studies:
+            runs.append(run_one(study, seed, folders[study, seed], space, cores, args, env, template))
     rows = summarize(runs, args.targets)
     table = markdown_table(rows, args.targets)
     ranked = rank_table(rows)
@@ -682,10 +675,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{header}\n\n{table}\n{NOTES}")
     print(f"\nwritten: {out / 'sweepbench.json'}, {out / 'sweepbench.md'}, {out / 'sweepbench.png'}")
     return 1 if any(r.failed for r in runs) else 0
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt()
 
 
 NOTES = """

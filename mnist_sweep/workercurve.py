@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+from . import shell
 from .errors import UserError
 from .sweepbench import (MARKER, Ran, Trial, best_so_far, child_env, counts, empty_mlflow_store, machine_line,
                          prepare_folder, read_trials, run_until, time_to)
@@ -115,15 +116,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+@shell.command(stopped="the running sweep was stopped; no results written")
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-        out = Path(args.out).absolute()
-        if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
-            raise UserError(f"--out: {out} exists and was not made by workercurve; pick another --out")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out).absolute()
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise UserError(f"--out: {out} exists and was not made by workercurve; pick another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("made by python -m mnist_sweep.workercurve; replaced by its next run\n")
     header = f"{machine_line()}.\nThe default study, {args.budget:g} s of sweeping per worker count."

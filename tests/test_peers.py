@@ -128,6 +128,38 @@ def test_a_peer_with_bad_input_says_so_in_one_line(tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
 
 
+def test_an_interrupted_optuna_peer_stops_its_workers(tmp_path, monkeypatch):
+    """Ctrl-C, or SIGTERM to the peer alone (the shell raises it as Terminated): its worker processes are stopped,
+    not left to train until the budget while the peer's exit waits for them."""
+    from types import SimpleNamespace
+
+    from mnist_sweep import peer_optuna
+    from mnist_sweep.errors import Terminated
+
+    workers = []
+
+    class Worker:  # a spawned worker, as far as run() sees it; the first join is where SIGTERM arrives
+        def __init__(self, target, args, name):
+            self.calls = []
+            workers.append(self)
+
+        def start(self):
+            self.calls.append("start")
+
+        def join(self):
+            self.calls.append("join")
+            if self.calls == ["start", "join"] and self is workers[0]:
+                raise Terminated()
+
+        def terminate(self):
+            self.calls.append("terminate")
+
+    monkeypatch.setattr(peer_optuna.multiprocessing, "get_context", lambda method: SimpleNamespace(Process=Worker))
+    with pytest.raises(Terminated):
+        peer_optuna.run(SimpleNamespace(n_jobs=2), tmp_path, deadline=0.0)
+    assert [w.calls for w in workers] == [["start", "join", "terminate", "join"], ["start", "terminate", "join"]]
+
+
 def test_ray_is_skipped_in_one_line_when_it_is_not_installed(tmp_path, capsys, monkeypatch):
     import importlib.util
 

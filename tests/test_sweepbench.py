@@ -207,9 +207,9 @@ def test_sigterm_to_the_bench_stops_the_running_study(tmp_path, capsys, monkeypa
     monkeypatch.setattr(sweepbench, "run_until", study_until_sigterm)
     monkeypatch.setattr(sweepbench, "empty_mlflow_store", lambda path: path.touch() or path)
     before = signal.getsignal(signal.SIGTERM)
-    assert main(["--studies", "ours", "upstream", "--sweep-seeds", "0", "--out", str(tmp_path / "out")]) == 130
+    assert main(["--studies", "ours", "upstream", "--sweep-seeds", "0", "--out", str(tmp_path / "out")]) == 143
     assert stopped == ["ours-s0"] and signal.getsignal(signal.SIGTERM) is before  # no next study, handler back
-    assert "interrupted: the running study was stopped" in capsys.readouterr().err
+    assert "terminated (SIGTERM): the running study was stopped" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
