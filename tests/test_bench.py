@@ -124,7 +124,8 @@ WITHOUT_SWEEP_PACKAGES = """
 import importlib.abc, importlib.metadata as md, sys
 class Missing(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("optuna", "mlflow", "hydra_plugins", "sqlalchemy"):
+        if name.split(".")[0] in ("optuna", "mlflow", "sqlalchemy") or (
+                name.startswith("hydra_plugins.") and not name.startswith("hydra_plugins.hydra_optuna_pruning_sweeper")):
             raise ModuleNotFoundError(name)
 sys.meta_path.insert(0, Missing())
 entry_points = md.entry_points
@@ -134,11 +135,15 @@ md.entry_points = lambda **kw: md.EntryPoints([]) if kw.get("group") == "hydra.p
 
 @pytest.mark.slow
 def test_the_bench_composes_without_optuna_mlflow_or_hydra_plugins(tmp_path):
-    """The GPU machine has torch, Hydra and OmegaConf only: the bench's compose must not load the Optuna sweeper's
-    settings (a single run needs no sweeper), nor import Optuna or MLflow."""
+    """The GPU machine has torch, Hydra and OmegaConf only, and this checkout (the sweeper plugin's source folder on
+    PYTHONPATH): the bench's compose must not load the Optuna sweeper's settings (a single run needs no sweeper),
+    nor import Optuna, SQLAlchemy or MLflow. The app's errors come from the plugin's package, whose import is
+    light."""
     (tmp_path / "sitecustomize.py").write_text(WITHOUT_SWEEP_PACKAGES)
     code = ("import sys; from mnist_sweep.config import compose_spec; spec = compose_spec(['experiment=speedrun_gpu']); "
-            "print(spec.trainer.compile_mode, [m for m in sys.modules if m.split('.')[0] in ('optuna', 'mlflow')])")
+            "print(spec.trainer.compile_mode, [m for m in sys.modules if m.split('.')[0] in "
+            "('optuna', 'mlflow', 'sqlalchemy')])")
+    path = os.pathsep.join(map(str, (tmp_path, REPO, REPO / "plugins" / "hydra_optuna_pruning_sweeper")))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"})
+                          env={**os.environ, "PYTHONPATH": path})
     assert proc.returncode == 0 and proc.stdout.split() == ["reduce-overhead", "[]"], proc.stderr[-2000:]
