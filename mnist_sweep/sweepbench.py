@@ -618,12 +618,14 @@ def machine_line() -> str:
 
 
 def child_env() -> dict[str, str]:
-    """The studies run this checkout's code (not another installed copy) and log line by line."""
+    """The studies run this checkout's code and its sweeper plugin (not another installed copy) and log line by
+    line."""
     from .config import SOURCE
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if SOURCE:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SOURCE), env.get("PYTHONPATH")]))
+        plugin = SOURCE / "plugins" / "hydra_optuna_pruning_sweeper"
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SOURCE), str(plugin), env.get("PYTHONPATH")]))
     return env
 
 
