@@ -1,0 +1,101 @@
+"""Trials that stopped without an end of their own, all handled here, the same way: the trial is FAIL with the
+reason, its MLflow run KILLED, and its parameters queued to run again once (the retry stands in for it in the
+budget, see _study.counted_trials). How a trial gets here:
+
+- Ctrl-C or SIGTERM while its job runs (`interrupted`);
+- its job was stopped from outside: scancel, a time limit, a lost node (`stopped`, from a JobInterrupted outcome);
+- its local worker process was killed (`dead_worker`): the main process knows at once, no grace period;
+- its process stopped beating, in any worker on any machine (`fail_stale`, under the claim lock: Optuna's retry
+  callback, set on the storage by _study.make_storage, queues the retry).
+
+MLflow runs a process left RUNNING without the trial knowing its run (it died between making the run and
+saving its id) are found by a search instead (`close_orphan_runs`), when a sweep starts and when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from ._errors import Terminated
+from ._names import FAIL_REASON_ATTR, RUN_ID_ATTR, WORKER_ATTR
+from ._optuna_adapter import fail_stale_trials, heartbeat_interval, set_trial_user_attr
+from ._study import claim_lock, tell
+
+log = logging.getLogger("optuna_pruning")
+
+
+class Recovery:
+    """Recovery of one study's stopped trials; `tracker` (_tracker.py) ends their MLflow runs."""
+
+    def __init__(self, study: optuna.Study, storage: RDBStorage, tracker) -> None:
+        self.study = study
+        self.storage = storage
+        self.tracker = tracker
+        self.unclosed: list[int] = []  # trials failed under the claim lock, whose runs are ended after it
+
+    def interrupted(self, trials: list[optuna.Trial], error: KeyboardInterrupt) -> None:
+        """Ctrl-C or SIGTERM reached this process while these trials ran."""
+        reason = "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted (Ctrl-C)"
+        for trial in trials:
+            self.stopped(trial, reason)
+
+    def stopped(self, trial: optuna.Trial, reason: str) -> None:
+        """A trial stopped from outside: its run is KILLED whatever the job made of the interruption (an app
+        stopped by an exception at its time limit ends its run FAILED)."""
+        tell(self.study, trial, TrialState.FAIL, None, reason)
+        self.tracker.end_trial_run(trial.user_attrs.get(RUN_ID_ATTR), TrialState.FAIL, run_status="KILLED")
+        retry_once(self.study, trial.number)
+
+    def dead_worker(self, worker: str, reason: str) -> list[int]:
+        """FAIL the trials a dead worker (host:pid) left RUNNING, and queue their parameters again once: its
+        process is known to be gone, so they need not wait out the grace period. Under the claim lock, so no
+        worker counts the budget meanwhile; returns their numbers."""
+        with claim_lock(self.storage, self.study.study_name):
+            numbers = []
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if t.user_attrs.get(WORKER_ATTR) == worker:
+                    set_trial_user_attr(self.storage, self.study.study_name, t.number, FAIL_REASON_ATTR, reason)
+                    self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+                    retry_once(self.study, t.number)
+                    numbers.append(t.number)
+        self.unclosed += numbers
+        self.close_runs()
+        return numbers
+
+    def fail_stale(self) -> None:
+        """FAIL (and re-queue once) the trials whose process stopped beating. Called under the claim lock, so
+        their runs are ended later, by close_runs(), without holding it."""
+        if not heartbeat_interval(self.storage):
+            return
+        running = {t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        fail_stale_trials(self.study)
+        still = {t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        self.unclosed += sorted(running - still)
+
+    def close_runs(self) -> None:
+        """End the MLflow runs of the trials failed here (by fail_stale or dead_worker), KILLED."""
+        numbers, self.unclosed = set(self.unclosed), []
+        if not numbers:
+            return
+        for t in self.study.get_trials(deepcopy=False):
+            if t.number in numbers and t.state == TrialState.FAIL:
+                self.tracker.end_trial_run(t.user_attrs.get(RUN_ID_ATTR), TrialState.FAIL, run_status="KILLED")
+
+    def close_orphan_runs(self) -> None:
+        """Runs left RUNNING whose trial is no longer running (see the module's docstring)."""
+        self.tracker.close_orphan_runs(self.study)
+
+
+def retry_once(study: optuna.Study, number: int) -> None:
+    """Queue a stopped trial's parameters again, once: the same rule as Optuna's for a trial whose process died."""
+    trials = study.get_trials(deepcopy=False)
+    frozen = next(t for t in trials if t.number == number)
+    if RetryHeartbeatStaleTrialCallback.retry_history(frozen):
+        return  # itself a retry: its parameters had their second chance
+    if any(RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == number for t in trials):
+        return  # already queued
+    RetryHeartbeatStaleTrialCallback(max_retry=1)(study, frozen)
