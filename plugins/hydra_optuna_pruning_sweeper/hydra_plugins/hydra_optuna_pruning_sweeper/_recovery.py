@@ -17,12 +17,13 @@ from __future__ import annotations
 import logging
 
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from ._errors import Terminated
 from ._names import FAIL_REASON_ATTR, RUN_ID_ATTR, WORKER_ATTR
-from ._optuna_adapter import fail_stale_trials, heartbeat_interval, set_trial_user_attr
+from ._optuna_adapter import fail_stale_trials, heartbeat_interval, is_retry, queue_retry, retried_trial_number, \
+    set_trial_user_attr
 from ._study import claim_lock, tell
 
 log = logging.getLogger("optuna_pruning")
@@ -94,8 +95,8 @@ def retry_once(study: optuna.Study, number: int) -> None:
     """Queue a stopped trial's parameters again, once: the same rule as Optuna's for a trial whose process died."""
     trials = study.get_trials(deepcopy=False)
     frozen = next(t for t in trials if t.number == number)
-    if RetryHeartbeatStaleTrialCallback.retry_history(frozen):
+    if is_retry(frozen):
         return  # itself a retry: its parameters had their second chance
-    if any(RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == number for t in trials):
+    if any(retried_trial_number(t) == number for t in trials):
         return  # already queued
-    RetryHeartbeatStaleTrialCallback(max_retry=1)(study, frozen)
+    queue_retry(study, frozen)

@@ -27,13 +27,14 @@ from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import optuna
 import sqlalchemy
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from . import _locks as locks
 from ._errors import ConfigError, one_line
 from ._names import END_REASON_ATTR, FAIL_REASON_ATTR, WORKER_ATTR
-from ._optuna_adapter import engine, heartbeat_interval, record_heartbeat, set_trial_user_attr, trial_id
+from ._optuna_adapter import engine, heartbeat_interval, record_heartbeat, retried_trial_number, set_trial_user_attr, \
+    stale_trial_retry, trial_id
 from ._redact import mask_secrets
 STUDY_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # a file name on every OS, no path parts
 CONNECT_TIMEOUT_S = 5  # a worker whose database does not answer in this many seconds stops with a clear error
@@ -86,7 +87,7 @@ def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
                 with locks.file_lock(database) if database else nullcontext():
                     beats = {} if not heartbeat_interval else dict(
                         heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+                        heartbeat_stale_trial_callback=stale_trial_retry())
                     return RDBStorage(url, engine_kwargs=engine_kwargs, **beats)
             except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
                 if attempt == 2:
@@ -118,7 +119,7 @@ def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
     """Numbers of trials that failed stale and were re-queued: their retry stands in for them in the budget."""
     numbers = set()
     for t in trials:
-        original = RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
+        original = retried_trial_number(t)
         if original is not None:
             numbers.add(original)
     return numbers
