@@ -43,7 +43,6 @@ class MainProcess:
         study, grid_size = self._open(storage, name, space[0])
         recovery = Recovery(study, storage, tracker)
         recovery.fail_stale()  # their retries count as room in the budget below
-        recovery.close_runs()
         n_trials = self._budget(study, grid_size)
         spent = time_spent(study.user_attrs) if s.total_budget else 0.0
         clock = SweepClock.start(s.timeout, spent)

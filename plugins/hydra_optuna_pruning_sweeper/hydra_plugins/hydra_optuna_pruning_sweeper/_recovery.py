@@ -8,8 +8,9 @@ budget, see _study.counted_trials). How a trial gets here:
 - its process stopped beating, in any worker on any machine (`fail_stale`, under the claim lock: Optuna's retry
   callback, set on the storage by _study.make_storage, queues the retry).
 
-MLflow runs a process left RUNNING without the trial knowing its run (it died between making the run and
-saving its id) are found by a search instead (`close_orphan_runs`), when a sweep starts and when it ends.
+The MLflow runs of stale trials, and any run a dead process left RUNNING, are found by a search
+(`close_orphan_runs`) when a sweep starts and when it ends: a run is only closed once its trial has ended and
+the run, read again, still runs, so another worker that is ending its own trial is never overtaken.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from optuna.trial import TrialState
 
 from ._errors import Terminated
 from ._names import FAIL_REASON_ATTR, RUN_ID_ATTR, WORKER_ATTR
-from ._optuna_adapter import fail_stale_trials, heartbeat_interval, is_retry, queue_retry, retried_trial_number, \
+from ._optuna_adapter import fail_stale_trials, is_retry, queue_retry, retried_trial_number, \
     set_trial_user_attr
 from ._study import claim_lock, tell
 
@@ -36,7 +37,6 @@ class Recovery:
         self.study = study
         self.storage = storage
         self.tracker = tracker
-        self.unclosed: list[int] = []  # trials failed under the claim lock, whose runs are ended after it
 
     def interrupted(self, trials: list[optuna.Trial], error: KeyboardInterrupt) -> None:
         """Ctrl-C or SIGTERM reached this process while these trials ran."""
@@ -55,36 +55,22 @@ class Recovery:
         """FAIL the trials a dead worker (host:pid) left RUNNING, and queue their parameters again once: its
         process is known to be gone, so they need not wait out the grace period. Under the claim lock, so no
         worker counts the budget meanwhile; returns their numbers."""
+        dead = []
         with claim_lock(self.storage, self.study.study_name):
-            numbers = []
             for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 if t.user_attrs.get(WORKER_ATTR) == worker:
                     set_trial_user_attr(self.storage, self.study.study_name, t.number, FAIL_REASON_ATTR, reason)
                     self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
                     retry_once(self.study, t.number)
-                    numbers.append(t.number)
-        self.unclosed += numbers
-        self.close_runs()
-        return numbers
+                    dead.append(t)
+        for t in dead:  # after the lock: MLflow may be slow, and no one else ends these runs
+            self.tracker.end_trial_run(t.user_attrs.get(RUN_ID_ATTR), TrialState.FAIL, run_status="KILLED")
+        return [t.number for t in dead]
 
     def fail_stale(self) -> None:
-        """FAIL (and re-queue once) the trials whose process stopped beating. Called under the claim lock, so
-        their runs are ended later, by close_runs(), without holding it."""
-        if not heartbeat_interval(self.storage):
-            return
-        running = {t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        """FAIL (and re-queue once) the trials whose process stopped beating; a no-op without heartbeats. Called
+        under the claim lock (their retries free room in the budget), and when a study is opened."""
         fail_stale_trials(self.study)
-        still = {t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        self.unclosed += sorted(running - still)
-
-    def close_runs(self) -> None:
-        """End the MLflow runs of the trials failed here (by fail_stale or dead_worker), KILLED."""
-        numbers, self.unclosed = set(self.unclosed), []
-        if not numbers:
-            return
-        for t in self.study.get_trials(deepcopy=False):
-            if t.number in numbers and t.state == TrialState.FAIL:
-                self.tracker.end_trial_run(t.user_attrs.get(RUN_ID_ATTR), TrialState.FAIL, run_status="KILLED")
 
     def close_orphan_runs(self) -> None:
         """Runs left RUNNING whose trial is no longer running (see the module's docstring)."""

@@ -83,10 +83,8 @@ class TrialLoop:
     # -- claim: under the lock ---------------------------------------------------------------------------------
 
     def _claim(self) -> list[optuna.Trial]:
-        batch = studies.claim_trials(self.study, self.storage, self.n_trials, self.pace.batch, self._before_count,
-                                     self._suggest)
-        self.recovery.close_runs()  # of the trials _before_count failed, now that the lock is released
-        return batch
+        return studies.claim_trials(self.study, self.storage, self.n_trials, self.pace.batch, self._before_count,
+                                    self._suggest)
 
     def _before_count(self, study: optuna.Study) -> None:
         """Fail dead trials (freeing their place in the budget). Workers started together would draw the same

@@ -38,7 +38,6 @@ class WorkerProcess:
         tracker.join_study_run(study)
         recovery = Recovery(study, storage, tracker)
         recovery.fail_stale()
-        recovery.close_runs()
         # the main process keeps the study's time; a worker only keeps to its deadline
         clock = SweepClock("", time.time(), deadline_from_env(os.environ))
         quiet_launcher_logs()
