@@ -417,9 +417,8 @@ def test_a_killed_local_worker_is_reported_and_the_others_go_on(tmp_path):
 
 def test_a_killed_local_workers_trial_is_failed_at_once_and_queued_again(tmp_path):
     """The main process knows its worker is dead: no grace period to wait out, no heartbeat needed."""
-    from omegaconf import OmegaConf
-
-    from hydra_plugins.hydra_optuna_pruning_sweeper._sweeper import SweepRun as OptunaPruningSweeper
+    from hydra_plugins.hydra_optuna_pruning_sweeper._recovery import Recovery
+    from hydra_plugins.hydra_optuna_pruning_sweeper._tracker import NullTracker
 
     storage = make_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
     study = optuna.create_study(study_name="s", storage=storage)
@@ -427,8 +426,8 @@ def test_a_killed_local_workers_trial_is_failed_at_once_and_queued_again(tmp_pat
         trial = study.ask()
         trial.suggest_float("x", 0.0, 1.0)
         trial.set_user_attr(WORKER_ATTR, worker)
-    sweeper = OptunaPruningSweeper(sampler=OmegaConf.create({"_target_": "optuna.samplers.RandomSampler"}))
-    assert sweeper._fail_trials_of(study, storage, "host:1", "its local worker process 1 was killed", None) == [0]
+    recovery = Recovery(study, storage, NullTracker())
+    assert recovery.dead_worker("host:1", "its local worker process 1 was killed") == [0]
     dead, alive, retry = study.trials
     assert dead.state == TrialState.FAIL and dead.user_attrs["fail_reason"] == "its local worker process 1 was killed"
     assert alive.state == TrialState.RUNNING  # another worker's trial is left alone

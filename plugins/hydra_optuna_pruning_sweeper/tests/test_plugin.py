@@ -15,6 +15,7 @@ import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
+from hydra_plugins.hydra_optuna_pruning_sweeper import time_spent
 
 from hydra_plugins.hydra_optuna_pruning_sweeper import time_spent
 

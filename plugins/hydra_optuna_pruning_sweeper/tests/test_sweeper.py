@@ -15,7 +15,8 @@ from hydra_plugins.hydra_optuna_pruning_sweeper._errors import ConfigError
 from hydra_plugins.hydra_optuna_pruning_sweeper._redact import has_literal_password, mask_secrets
 from hydra_plugins.hydra_optuna_pruning_sweeper._outcome import objective_values
 from hydra_plugins.hydra_optuna_pruning_sweeper._space import grid_choices, recipe
-from hydra_plugins.hydra_optuna_pruning_sweeper._sweeper import SweepRun as OptunaPruningSweeper, check_settings, retry_once
+from hydra_plugins.hydra_optuna_pruning_sweeper._recovery import retry_once
+from hydra_plugins.hydra_optuna_pruning_sweeper._settings import Settings, check_settings
 from hydra_plugins.hydra_optuna_pruning_sweeper._clock import SweepClock, time_spent, union_seconds
 from hydra_plugins.hydra_optuna_pruning_sweeper._names import STORAGE_ENV
 from hydra_plugins.hydra_optuna_pruning_sweeper._study import budget_used, check_study_name, claim_trials, make_storage, open_study, suggest
@@ -49,9 +50,9 @@ SAMPLERS = [name for name in advertised_samplers() if name != "motpe"]  # motpe:
 OPTIONAL_PACKAGES = {"cmaes": {"cmaes"}, "gp": {"torch", "scipy"}, "qmc": {"scipy"}}
 
 
-def sweeper(**settings) -> OptunaPruningSweeper:
+def sweeper(**settings) -> Settings:
     sampler = OmegaConf.create({"_target_": "optuna.samplers.RandomSampler", "seed": 0})
-    return OptunaPruningSweeper(sampler=sampler, **settings)
+    return check_settings(sampler=sampler, **settings)
 
 
 SETTINGS = dict(n_trials=3, timeout=None, n_jobs=1, max_failure_rate=0.5, heartbeat_interval=None, grace_period=None,
@@ -61,7 +62,7 @@ SETTINGS = dict(n_trials=3, timeout=None, n_jobs=1, max_failure_rate=0.5, heartb
 def test_the_command_line_wins_over_the_search_space_and_says_so(caplog):
     s = sweeper(params={"model.conv1_channels": "choice(8,16)", "model.fc_width": "choice(64,128)",
                         "model.batch_norm": "true", "optimizer.lr": "interval(0.01,0.1)"})
-    distributions, fixed = s._search_space(["model=small", "optimizer.lr=interval(0.1,1.0)", "trainer.seed=3"])
+    distributions, fixed = s.search_space(["model=small", "optimizer.lr=interval(0.1,1.0)", "trainer.seed=3"])
     assert set(distributions) == {"optimizer.lr"} and distributions["optimizer.lr"].low == 0.1
     assert sorted(fixed) == ["model=small", "trainer.seed=3"]
     assert "left out model.batch_norm, model.conv1_channels, model.fc_width" in caplog.text
@@ -69,7 +70,7 @@ def test_the_command_line_wins_over_the_search_space_and_says_so(caplog):
 
 def test_a_value_fixed_on_the_command_line_replaces_its_space_entry():
     s = sweeper(params={"model.fc_width": "choice(64,128)", "model.dropout": "interval(0.1,0.5)"})
-    distributions, fixed = s._search_space(["model.fc_width=32"])
+    distributions, fixed = s.search_space(["model.fc_width=32"])
     assert set(distributions) == {"model.dropout"} and fixed == ["model.fc_width=32"]
 
 
@@ -132,10 +133,10 @@ def test_every_advertised_sampler_builds_and_proposes_trials(name):
     """Each hydra/sweeper/sampler option, built as the sweeper builds it, runs a few trials of a mixed space. The
     plugin does not depend on cmaes, scipy or torch: where the one a sampler needs is missing, the only failure
     allowed is the import of that package (the sweep turns it into one error line: test_plugin.py)."""
-    s = OptunaPruningSweeper(sampler=sampler_config(name), n_trials=4)
-    distributions, _ = s._search_space(["x=choice(1,2)", "y=range(0,3)"] if name == "grid" else
+    s = check_settings(sampler=sampler_config(name), n_trials=4)
+    distributions, _ = s.search_space(["x=choice(1,2)", "y=range(0,3)"] if name == "grid" else
                                        ["x=interval(-1.0,1.0)", "y=range(0,3)", "z=choice(a,b)"])
-    sampler, grid_size = s._seeded_sampler(0, distributions)
+    sampler, grid_size = s.seeded_sampler(0, distributions)
     n_trials = min(4, grid_size or 4)
     study = optuna.create_study(sampler=sampler, directions=["minimize", "minimize"] if name == "nsgaii" else None)
     try:
@@ -152,9 +153,9 @@ def test_every_advertised_sampler_builds_and_proposes_trials(name):
 @pytest.mark.skipif(not UPSTREAM_INSTALLED, reason="motpe is an option of upstream's config only; without it "
                     "test_upstream.py::test_the_removed_motpe_sampler_is_a_clear_error covers Hydra's answer")
 def test_the_removed_motpe_sampler_is_one_clear_error():
-    s = OptunaPruningSweeper(sampler=sampler_config("motpe"))
+    s = check_settings(sampler=sampler_config("motpe"))
     with pytest.raises(ConfigError, match="motpe' sampler was removed in Optuna 4.0. Use 'hydra/sweeper/sampler=tpe'"):
-        s._seeded_sampler(0, {})
+        s.seeded_sampler(0, {})
 
 
 class BrokenSampler(optuna.samplers.RandomSampler):

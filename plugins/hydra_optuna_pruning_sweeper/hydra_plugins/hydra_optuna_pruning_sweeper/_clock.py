@@ -8,9 +8,12 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ._names import DEADLINE_ENV, TIME_SPENT_ATTR_PREFIX
+
+if TYPE_CHECKING:
+    import optuna
 
 def union_seconds(intervals: Sequence[tuple[float, float]]) -> float:
     """Seconds covered by the intervals: workers that ran at the same time count their shared time once."""

@@ -2,8 +2,8 @@
 
 Optuna's public API has no way to claim trials under a lock, to keep a heartbeat for trials run through ask/tell,
 or to report to a trial from another process; these few calls do it. They are public methods of Optuna's storage
-classes (documented for storage implementers, not for end users), plus two calls Optuna marks experimental or
-discourages. `RELIED_ON` lists them, and tests/test_optuna_adapter.py fails when an installed Optuna version
+classes (documented for storage implementers, not for end users), plus the calls Optuna marks experimental
+(stale trials and their retries) or discourages (the Trial constructor). `RELIED_ON` lists them, and tests/test_optuna_adapter.py fails when an installed Optuna version
 changes one of them, instead of a sweep failing halfway.
 """
 
@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import optuna
-from optuna.storages import RDBStorage
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial
 
 if TYPE_CHECKING:
     import sqlalchemy
@@ -26,6 +27,10 @@ RELIED_ON = (
     (RDBStorage, "get_trial_id_from_study_id_trial_number", ("study_id", "trial_number")),
     (RDBStorage, "set_trial_user_attr", ("trial_id", "key", "value")),
     (optuna.storages, "fail_stale_trials", ("study",)),  # experimental since Optuna 2.9
+    (RetryHeartbeatStaleTrialCallback, "__init__", ("max_retry",)),  # experimental since Optuna 2.8
+    (RetryHeartbeatStaleTrialCallback, "__call__", ("study", "trial")),
+    (RetryHeartbeatStaleTrialCallback, "retried_trial_number", ("trial",)),
+    (RetryHeartbeatStaleTrialCallback, "retry_history", ("trial",)),
     (optuna.trial.Trial, "__init__", ("study", "trial_id")),  # "not recommended" in Optuna's docs
 )
 
@@ -62,3 +67,23 @@ def running_trial(study: optuna.Study, storage: RDBStorage, number: int) -> optu
     """A live Trial for a RUNNING trial that another process (the sweeper) asked for: the job reports to it and
     asks it whether to prune. Optuna's docs discourage calling this constructor; it is the only way in."""
     return optuna.trial.Trial(study, trial_id(storage, study.study_name, number))
+
+
+def stale_trial_retry() -> RetryHeartbeatStaleTrialCallback:
+    """The storage's callback for a trial whose process stopped beating: FAIL, and its parameters queued once."""
+    return RetryHeartbeatStaleTrialCallback(max_retry=1)
+
+
+def queue_retry(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue a failed trial's parameters again, marked as its retry (what the stale-trial callback does)."""
+    stale_trial_retry()(study, trial)
+
+
+def retried_trial_number(trial: FrozenTrial) -> int | None:
+    """The number of the trial that `trial` retries, or None."""
+    return RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+
+
+def is_retry(trial: FrozenTrial) -> bool:
+    """Whether the trial is itself a retry of another."""
+    return bool(RetryHeartbeatStaleTrialCallback.retry_history(trial))

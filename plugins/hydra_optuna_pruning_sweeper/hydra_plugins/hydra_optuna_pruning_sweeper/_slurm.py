@@ -5,7 +5,13 @@ Upstream's launcher returns a batch's results, or raises on the first job that e
 scancel, out of its time limit, its node lost, its process killed): the other jobs' results are lost and the sweep
 dies with submitit's traceback. Here such a job gives a FAILED JobReturn whose error is JobInterrupted, which the
 sweeper handles like a trial stopped by Ctrl-C: FAIL with the reason, the MLflow run KILLED, the parameters queued
-to run again once. The jobs themselves run upstream's code (the launcher's __call__, pickled by submitit).
+to run again once. The jobs themselves run upstream's code (the launcher's __call__ and checkpoint, pickled by
+submitit), with upstream's settings (its config classes, its executor name).
+
+Why launch() is overridden rather than configured: upstream's launch submits the array job and collects its
+results in one method (`[j.results()[0] for j in jobs]`), with no hook between the two, and the job handles never
+leave it; per-job results and cancelling on Ctrl-C both need those handles. What it does before submitting
+(the executor's arguments, the sweep folder) is the same as upstream's, in executor_args and job_parameters.
 
 Submitit learns that a job ended without a result from `sacct`, so the cluster needs its accounting (slurmdbd).
 """
@@ -37,8 +43,8 @@ class SlurmLauncher(SubmititSlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit  # lazy, as upstream: plugin discovery imports this module
 
-        executor = submitit.AutoExecutor(cluster="slurm", **executor_args(self.params))
-        executor.update_parameters(**job_parameters(self.params))
+        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **executor_args(self.params, self._EXECUTOR))
+        executor.update_parameters(**job_parameters(self.params, self._EXECUTOR))
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if "mode" in self.config.hydra.sweep:
@@ -56,16 +62,17 @@ class SlurmLauncher(SubmititSlurmLauncher):
             raise
 
 
-def executor_args(params: dict[str, Any]) -> dict[str, Any]:
+def executor_args(params: dict[str, Any], executor: str = "slurm") -> dict[str, Any]:
     """submitit.AutoExecutor's arguments from the launcher's settings: the folder and the slurm_* init keys."""
-    return {"folder": params["submitit_folder"]} | {f"slurm_{k}": params[k] for k in EXECUTOR_KEYS if k in params}
+    return {"folder": params["submitit_folder"]} | {f"{executor}_{k}": params[k] for k in EXECUTOR_KEYS
+                                                    if k in params}
 
 
-def job_parameters(params: dict[str, Any]) -> dict[str, Any]:
+def job_parameters(params: dict[str, Any], executor: str = "slurm") -> dict[str, Any]:
     """executor.update_parameters' arguments: the settings every submitit executor knows keep their names
     (timeout_min, cpus_per_task, mem_gb...), SLURM's own get the slurm_ prefix (partition, qos, setup...)."""
     shared = set(OmegaConf.structured(BaseQueueConf).keys())
-    return {k if k in shared else f"slurm_{k}": v for k, v in params.items()
+    return {k if k in shared else f"{executor}_{k}": v for k, v in params.items()
             if k not in EXECUTOR_KEYS and k != "submitit_folder"}
 
 
@@ -73,7 +80,6 @@ def job_return(job: Any, overrides: list[str]) -> JobReturn:
     """A submitit job's JobReturn; a job that ended without a result, or whose app submitit stopped at the time
     limit (its signal handler raises UncompletedJobError inside the app), is a FAILED one with JobInterrupted."""
     from submitit.core.utils import FailedJobError, UncompletedJobError
-
 
     try:
         ret: JobReturn = job.results()[0]

@@ -3,8 +3,9 @@ Hydra's public override parser into Optuna distributions, and a trial's override
 
 from __future__ import annotations
 
+import logging
 import re
-from typing import Any
+from typing import Any, Mapping
 
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -12,6 +13,35 @@ from hydra.core.override_parser.types import Override, Transformer
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from ._errors import ConfigError
+
+log = logging.getLogger("optuna_pruning")
+
+
+def sweep_space(params: Mapping[str, Any] | None, arguments: list[str], warn: bool = True
+                ) -> tuple[dict[str, Any], list[str]]:
+    """The distributions to sample and the fixed overrides of every trial, from the search space (`params`) and
+    the command line.
+
+    A key the user sets on the command line wins over the search space: `model=small` leaves out the
+    space's model.* keys and `model.fc_width=64` its model.fc_width, and the sweep says which it left out."""
+    try:
+        given, given_fixed, given_other = space_from_overrides(list(arguments))
+        space, space_fixed, space_other = space_from_overrides([f"{k}={v}" for k, v in (params or {}).items()])
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"search space could not be parsed ({type(e).__name__}: {e}); use the plugin's "
+                          "grammar, e.g. 'x=interval(0.1,0.6)', 'y=choice(64,128)', "
+                          "'lr=tag(log,interval(1e-4,1e-1))'") from None
+    user_keys = list(given_fixed) + [k.lstrip("~") for k in given_other]
+    dropped = sorted(k for k in list(space) + list(space_fixed) if set_by(k, user_keys) and k not in given)
+    if dropped and warn:
+        log.warning(f"search space: left out {', '.join(dropped)}: fixed on the command line")
+    distributions = {k: v for k, v in space.items() if k not in dropped} | given
+    fixed = {k: v for k, v in space_fixed.items() if k not in dropped and k not in given} | given_fixed
+    for key in given:
+        fixed.pop(key, None)
+    return distributions, [f"{k}={v}" for k, v in fixed.items()] + space_other + given_other
 
 
 def recipe(overrides: list[str], groups: set[str], exclude: tuple[str, ...] = ()) -> tuple[dict[str, str],
@@ -54,13 +84,14 @@ def space_from_overrides(arguments: list[str]) -> tuple[dict[str, Any], dict[str
 def distribution_of(override: Override) -> optuna.distributions.BaseDistribution:
     """choice(a,b) -> categorical; range(lo,hi[,step]) -> stepped int or float (hi excluded, as in Hydra);
     interval(lo,hi) -> uniform int or float; tag(log, interval(...)) -> log-uniform."""
-    key, value = override.get_key_element(), override.value()
+    value = override.value()
     if override.is_choice_sweep() or (override.is_range_sweep() and (value.shuffle or value.transformers)):
         return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))
     if override.is_range_sweep():
         points = [float(v) if not isinstance(v, int) else v for v in override.sweep_iterator()]
         if not points:
-            raise ConfigError(f"{key}={override.get_value_element_as_str()} is an empty range")
+            raise ConfigError(f"{override_text(override)} is an empty range: it has no value to sample (the end "
+                              "is excluded, as in Python); use e.g. range(1,2) or choice(1)")
         step = abs(value.step)
         if all(isinstance(v, int) for v in points):
             return IntDistribution(min(points), max(points), step=int(step))
@@ -70,8 +101,13 @@ def distribution_of(override: Override) -> optuna.distributions.BaseDistribution
         if isinstance(value.start, int) and isinstance(value.end, int):
             return IntDistribution(int(value.start), int(value.end), log=log)
         return FloatDistribution(float(value.start), float(value.end), log=log)
-    raise ConfigError(f"{key}={override.get_value_element_as_str()}: this sweep is not supported; use choice, "
+    raise ConfigError(f"{override_text(override)}: this sweep is not supported; use choice, "
                       "range, interval or tag(log, interval(...))")
+
+
+def override_text(override: Override) -> str:
+    """An override as the user wrote it ('x=range(1,1)'); Hydra cannot turn a sweep's value back into text."""
+    return (override.input_line or override.get_key_element()).strip()
 
 
 def grid_choices(name: str, d) -> list:

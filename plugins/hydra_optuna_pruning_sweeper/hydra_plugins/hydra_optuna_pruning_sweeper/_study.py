@@ -2,8 +2,8 @@
 app's jobs call this).
 
 The split of work:
-- the sweeper process opens the study (`open_study`), fails trials left RUNNING by a dead process, claims
-  trials, keeps their heartbeat while they train, and tells their final state;
+- the sweeper process opens the study (`open_study`), claims trials, keeps their heartbeat while they train,
+  and tells their final state (trials a dead process left RUNNING are _recovery.py's);
 - each trial's job finds its trial with `current_trial()` and reports its metric per step (`report`) to the
   same storage, so the pruner can stop it, whether the job runs in the sweeper's process or in another one.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import os
 import re
 import socket
@@ -24,19 +23,18 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import optuna
 import sqlalchemy
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from . import _locks as locks
 from ._errors import ConfigError, one_line
-from ._names import FAIL_REASON_ATTR, WORKER_ATTR
-from ._optuna_adapter import engine, fail_stale_trials, heartbeat_interval, record_heartbeat, set_trial_user_attr, \
-    trial_id
+from ._names import END_REASON_ATTR, FAIL_REASON_ATTR, WORKER_ATTR
+from ._optuna_adapter import engine, heartbeat_interval, record_heartbeat, retried_trial_number, set_trial_user_attr, \
+    stale_trial_retry, trial_id
 from ._redact import mask_secrets
 STUDY_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # a file name on every OS, no path parts
 CONNECT_TIMEOUT_S = 5  # a worker whose database does not answer in this many seconds stops with a clear error
@@ -89,7 +87,7 @@ def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
                 with locks.file_lock(database) if database else nullcontext():
                     beats = {} if not heartbeat_interval else dict(
                         heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+                        heartbeat_stale_trial_callback=stale_trial_retry())
                     return RDBStorage(url, engine_kwargs=engine_kwargs, **beats)
             except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
                 if attempt == 2:
@@ -101,23 +99,27 @@ def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
 
 
 def open_study(storage: RDBStorage, name: str | None, directions: list[str],
-               sampler: optuna.samplers.BaseSampler) -> optuna.Study:
-    """Create or resume the study, then fail (and re-queue once) trials whose process stopped beating. Pruning is
-    the jobs' business (`current_trial`): the sweeper's study never prunes."""
-    try:
-        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=directions,
-                                    load_if_exists=True)
-    except ValueError as e:  # e.g. resumed with other directions
-        raise ConfigError(f"study {name!r}: {e}") from None
-    fail_stale_trials(study)
-    return study
+               sampler: optuna.samplers.BaseSampler, fresh: bool = False) -> optuna.Study:
+    """Create or resume the study. `fresh`: always a new study; where the storage already holds one of that name
+    (a sweep folder used again), the first free `<name>-<n>`. Pruning is the jobs' business (`current_trial`):
+    the sweeper's study never prunes."""
+    for n in range(1, 10_000):
+        candidate = name if n == 1 or name is None else f"{name}-{n}"
+        try:
+            return optuna.create_study(study_name=candidate, storage=storage, sampler=sampler,
+                                       directions=directions, load_if_exists=not fresh)
+        except optuna.exceptions.DuplicatedStudyError:  # only when fresh: that name is an earlier invocation's
+            continue
+        except ValueError as e:  # e.g. resumed with other directions
+            raise ConfigError(f"study {name!r}: {e}") from None
+    raise ConfigError(f"study {name!r}: no free name {name}-<n> left in the storage")
 
 
 def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
     """Numbers of trials that failed stale and were re-queued: their retry stands in for them in the budget."""
     numbers = set()
     for t in trials:
-        original = RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
+        original = retried_trial_number(t)
         if original is not None:
             numbers.add(original)
     return numbers
@@ -162,20 +164,20 @@ def claim_lock(storage: RDBStorage, study_name: str) -> ContextManager[None]:
 
 
 def claim_trials(study: optuna.Study, storage: RDBStorage, n_trials: int, most: int,
-                 before_ask: Callable[[optuna.Study], None],
-                 prepare: Callable[[optuna.Trial], None]) -> list[optuna.Trial]:
+                 before_count: Callable[[optuna.Study], None],
+                 suggest: Callable[[optuna.Trial], None]) -> list[optuna.Trial]:
     """Up to `most` trials of what is left of the study's budget, for this worker.
 
-    Under the claim lock: dead trials are failed (and re-queued, which frees their place in the budget), the
-    budget is counted, and each claimed trial gets its first heartbeat and is `prepare`d (its params suggested)
-    before the next worker may count. A re-queued trial is claimed before a new one is created. When the sampler
-    or `prepare` fails, the trials this call created are told FAIL with the reason: none is left RUNNING."""
+    Under the claim lock, and nothing else under it: `before_count` (the caller fails dead trials there, which
+    re-queues them and frees their place in the budget), the budget is counted, and each claimed trial gets its
+    first heartbeat and its params (`suggest`) before the next worker may count. A re-queued trial is claimed
+    before a new one is created. When the sampler or `suggest` fails, the trials this call created are told FAIL
+    with the reason: none is left RUNNING."""
     with claim_lock(storage, study.study_name):
-        fail_stale_trials(study)
+        before_count(study)
         room = n_trials - budget_used(study)
         if room <= 0:
             return []
-        before_ask(study)
         worker = f"{socket.gethostname()}:{os.getpid()}"
         known = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         batch = []
@@ -186,7 +188,7 @@ def claim_trials(study: optuna.Study, storage: RDBStorage, n_trials: int, most: 
                 if heartbeat_interval(storage):
                     record_heartbeat(storage, trial_id(storage, study.study_name, trial.number))
                 trial.set_user_attr(WORKER_ATTR, worker)
-                prepare(trial)
+                suggest(trial)
         except BaseException as e:
             reason = f"the sampler could not propose a trial: {one_line(e)}"
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -199,16 +201,17 @@ def claim_trials(study: optuna.Study, storage: RDBStorage, n_trials: int, most: 
         return batch
 
 
-def fail_running_trials_of(study: optuna.Study, storage: RDBStorage, worker: str, reason: str) -> list[int]:
-    """FAIL, with the reason, the RUNNING trials that `worker` (WORKER_ATTR, host:pid) claimed; for a worker known
-    to be dead. Returns their numbers. Call it under claim_lock, so no worker counts the budget meanwhile."""
-    numbers = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.user_attrs.get(WORKER_ATTR) == worker:
-            set_trial_user_attr(storage, study.study_name, t.number, FAIL_REASON_ATTR, reason)
-            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-            numbers.append(t.number)
-    return numbers
+def tell(study: optuna.Study, trial: optuna.Trial, state: TrialState, values: list[float] | None = None,
+         reason: str | None = None) -> None:
+    """Tell the trial's end to the study, with why it failed or ended early (a user attr, masked)."""
+    if reason:
+        trial.set_user_attr(FAIL_REASON_ATTR if state == TrialState.FAIL else END_REASON_ATTR,
+                            mask_secrets(reason)[:2000])
+    try:
+        study.tell(trial, values=values, state=state, skip_if_finished=True)
+    except RuntimeError as e:  # GridSampler calls study.stop() on its last point; the state is stored
+        if "Study.stop" not in str(e):
+            raise
 
 
 def suggest(trial: optuna.Trial, distributions: dict[str, optuna.distributions.BaseDistribution]) -> None:
@@ -245,9 +248,9 @@ def heartbeat(storage: RDBStorage, trial_ids: Sequence[int]) -> Iterator[None]:
 
     def beat() -> None:
         while True:
-            for trial_id in trial_ids:
+            for beating in trial_ids:
                 try:
-                    record_heartbeat(storage, trial_id)
+                    record_heartbeat(storage, beating)
                 except Exception:  # a finished trial, a hiccup of the database: the next beat retries
                     pass
             if stop.wait(interval):

@@ -13,7 +13,6 @@ import functools
 import logging
 import math
 import time
-from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from ._errors import ConfigError, UserError, one_line

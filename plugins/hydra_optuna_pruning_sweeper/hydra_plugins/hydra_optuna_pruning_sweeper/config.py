@@ -27,7 +27,7 @@ class OptunaPruningSweeperConf:
     # upstream's settings, with upstream's defaults
     sampler: Any = MISSING  # hydra/sweeper/sampler=tpe|random|grid|cmaes|nsgaii|nsgaiii|gp|qmc
     direction: Any = "minimize"  # minimize | maximize | a list of them
-    storage: Any = None  # null: a SQLite file in the sweep folder, new each invocation
+    storage: Any = None  # null: a SQLite file in the sweep folder, a new study each invocation (<name>-2... there)
     study_name: Optional[str] = None  # null: derived from space_name and the space, else Optuna's random name
     n_trials: Any = 20  # trials of this invocation (of the whole study with total_budget); null: only timeout ends it
     # seconds of sweeping (of the whole study with total_budget, resumed where it stopped); at the deadline no trial

@@ -1,0 +1,88 @@
+"""Trials that stopped without an end of their own, all handled here, the same way: the trial is FAIL with the
+reason, its MLflow run KILLED, and its parameters queued to run again once (the retry stands in for it in the
+budget, see _study.counted_trials). How a trial gets here:
+
+- Ctrl-C or SIGTERM while its job runs (`interrupted`);
+- its job was stopped from outside: scancel, a time limit, a lost node (`stopped`, from a JobInterrupted outcome);
+- its local worker process was killed (`dead_worker`): the main process knows at once, no grace period;
+- its process stopped beating, in any worker on any machine (`fail_stale`, under the claim lock: Optuna's retry
+  callback, set on the storage by _study.make_storage, queues the retry).
+
+The MLflow runs of stale trials, and any run a dead process left RUNNING, are found by a search
+(`close_orphan_runs`) when a sweep starts and when it ends: a run is only closed once its trial has ended and
+the run, read again, still runs, so another worker that is ending its own trial is never overtaken.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+
+from ._errors import Terminated
+from ._names import FAIL_REASON_ATTR, RUN_ID_ATTR, WORKER_ATTR
+from ._optuna_adapter import fail_stale_trials, is_retry, queue_retry, retried_trial_number, \
+    set_trial_user_attr
+from ._study import claim_lock, tell
+
+log = logging.getLogger("optuna_pruning")
+
+
+class Recovery:
+    """Recovery of one study's stopped trials; `tracker` (_tracker.py) ends their MLflow runs."""
+
+    def __init__(self, study: optuna.Study, storage: RDBStorage, tracker) -> None:
+        self.study = study
+        self.storage = storage
+        self.tracker = tracker
+
+    def interrupted(self, trials: list[optuna.Trial], error: KeyboardInterrupt) -> None:
+        """Ctrl-C or SIGTERM reached this process while these trials ran."""
+        reason = "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted (Ctrl-C)"
+        for trial in trials:
+            self.stopped(trial, reason)
+
+    def stopped(self, trial: optuna.Trial, reason: str) -> None:
+        """A trial stopped from outside: its run is KILLED whatever the job made of the interruption (an app
+        stopped by an exception at its time limit ends its run FAILED)."""
+        tell(self.study, trial, TrialState.FAIL, None, reason)
+        self.tracker.end_trial_run(trial.user_attrs.get(RUN_ID_ATTR), TrialState.FAIL, run_status="KILLED")
+        retry_once(self.study, trial.number)
+
+    def dead_worker(self, worker: str, reason: str) -> list[int]:
+        """FAIL the trials a dead worker (host:pid) left RUNNING, and queue their parameters again once: its
+        process is known to be gone, so they need not wait out the grace period. Under the claim lock, so no
+        worker counts the budget meanwhile; returns their numbers."""
+        dead = []
+        with claim_lock(self.storage, self.study.study_name):
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if t.user_attrs.get(WORKER_ATTR) == worker:
+                    set_trial_user_attr(self.storage, self.study.study_name, t.number, FAIL_REASON_ATTR, reason)
+                    self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+                    retry_once(self.study, t.number)
+                    dead.append(t)
+        for t in dead:  # after the lock: MLflow may be slow, and no one else ends these runs
+            self.tracker.end_trial_run(t.user_attrs.get(RUN_ID_ATTR), TrialState.FAIL, run_status="KILLED")
+        return [t.number for t in dead]
+
+    def fail_stale(self) -> None:
+        """FAIL (and re-queue once) the trials whose process stopped beating; a no-op without heartbeats. Called
+        under the claim lock (their retries free room in the budget), and when a study is opened."""
+        fail_stale_trials(self.study)
+
+    def close_orphan_runs(self) -> None:
+        """Runs left RUNNING whose trial is no longer running (see the module's docstring)."""
+        self.tracker.close_orphan_runs(self.study)
+
+
+def retry_once(study: optuna.Study, number: int) -> None:
+    """Queue a stopped trial's parameters again, once: the same rule as Optuna's for a trial whose process died."""
+    trials = study.get_trials(deepcopy=False)
+    frozen = next(t for t in trials if t.number == number)
+    if is_retry(frozen):
+        return  # itself a retry: its parameters had their second chance
+    if any(retried_trial_number(t) == number for t in trials):
+        return  # already queued
+    queue_retry(study, frozen)

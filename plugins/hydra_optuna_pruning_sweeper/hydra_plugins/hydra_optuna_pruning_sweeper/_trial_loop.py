@@ -1,0 +1,165 @@
+"""The trial loop, run by the sweep's main process (batches of n_jobs trials through Hydra's launcher) and by each
+local worker (one trial at a time). A trial's life reads top to bottom:
+
+    claim (ask and suggest: all that holds the claim lock) -> its overrides and MLflow run -> launch -> tell
+
+until the budget is spent and no trial runs, here or in another worker (a dead worker's trial goes stale, is
+re-queued and claimed here).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from hydra.utils import get_method
+from omegaconf import DictConfig
+
+from . import _study as studies
+from ._clock import SweepClock
+from ._errors import UserError, one_line
+from ._names import FAIL_REASON_ATTR, OVERRIDES_ATTR, RUN_ID_ATTR
+from ._optuna_adapter import trial_id
+from ._outcome import outcome
+from ._recovery import Recovery
+from ._redact import mask_secrets
+from ._settings import UNLIMITED, Settings
+from ._space import quote
+from ._summary import budget_text, trial_end_line, trial_params_text
+from ._trial import TrialRef
+
+log = logging.getLogger("optuna_pruning")
+MIN_TRIALS_FOR_RATE = 4  # with no n_trials, max_failure_rate is judged once this many trials have run
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How a role runs the loop."""
+
+    batch: int  # trials claimed and launched together
+    poll_s: float  # seconds between looks at other workers' running trials, once the budget is spent
+    keeps_time: bool  # the main process keeps the study's time (hydra.sweeper.timeout) and says when it is spent
+    job_number_is_trial: bool  # a local worker's job folder is named by its trial (unique among the workers)
+
+
+class TrialLoop:
+    def __init__(self, study: optuna.Study, storage, settings: Settings, space: tuple[dict, list[str]],
+                 config: DictConfig, launcher: Any, tracker, recovery: Recovery, clock: SweepClock, n_trials: int,
+                 pace: Pace) -> None:
+        self.study, self.storage, self.settings, self.config = study, storage, settings, config
+        self.distributions, self.fixed_args = space
+        self.launcher, self.tracker, self.recovery, self.clock = launcher, tracker, recovery, clock
+        self.n_trials, self.pace = n_trials, pace
+        self.job_idx = 0
+        self.seen = len(study.get_trials(deepcopy=False))  # the trials the sampler's seed was offset by
+
+    def run(self) -> None:
+        waiting_for = 0
+        while True:
+            out_of_time = self.clock.past()
+            if out_of_time and not waiting_for and self.pace.keeps_time:
+                log.info(f"time budget spent (hydra.sweeper.timeout={self.settings.timeout:g} s): no new trial "
+                         "starts")
+            batch = [] if out_of_time else self._claim()
+            if self.pace.keeps_time:
+                self.clock.record(self.study)
+            if batch:
+                self._run_batch(batch)
+                self._check_failure_rate()
+                continue
+            if not (running := studies.running_count(self.study)):
+                if out_of_time or studies.budget_used(self.study) >= self.n_trials:
+                    return
+                continue  # a dead worker's trial, re-queued since this claim counted the budget: claim it
+            if running != waiting_for:
+                log.info(f"{'time' if out_of_time else 'budget'} spent; waiting for {running} running trial(s) "
+                         f"of other workers to end" + (" at their next epoch" if out_of_time else ""))
+            waiting_for = running
+            time.sleep(self.pace.poll_s)
+
+    # -- claim: under the lock ---------------------------------------------------------------------------------
+
+    def _claim(self) -> list[optuna.Trial]:
+        return studies.claim_trials(self.study, self.storage, self.n_trials, self.pace.batch, self._before_count,
+                                    self._suggest)
+
+    def _before_count(self, study: optuna.Study) -> None:
+        """Fail dead trials (freeing their place in the budget). Workers started together would draw the same
+        points from the same seed: when the study holds other trials than this worker last saw, its sampler is
+        rebuilt with the seed offset by the study's size."""
+        self.recovery.fail_stale()
+        existing = len(study.get_trials(deepcopy=False))
+        if existing != self.seen:
+            study.sampler, _ = self.settings.seeded_sampler(existing, self.distributions)
+            self.seen = existing
+
+    def _suggest(self, trial: optuna.Trial) -> None:
+        studies.suggest(trial, self.distributions)
+        if self.settings.custom_search_space:
+            get_method(self.settings.custom_search_space)(self.config, trial)
+        self.seen = len(self.study.get_trials(deepcopy=False))
+
+    # -- launch and tell: without the lock ---------------------------------------------------------------------
+
+    def _run_batch(self, batch: list[optuna.Trial]) -> None:
+        for trial in batch:
+            log.info(f"trial {trial.number} started: {trial_params_text(trial.params)}")
+        ids = [trial_id(self.storage, self.study.study_name, t.number) for t in batch]
+        try:
+            with studies.heartbeat(self.storage, ids):  # from before the MLflow run: making it may take a while
+                jobs = self._jobs(batch)
+                first = batch[0].number if self.pace.job_number_is_trial else self.job_idx
+                returns = self.launcher.launch(jobs, initial_job_idx=first)
+        except KeyboardInterrupt as e:
+            self.recovery.interrupted(batch, e)
+            raise
+        self.job_idx += len(returns)
+        for trial, ret in zip(batch, returns):
+            self._tell(trial, ret)
+
+    def _jobs(self, batch: list[optuna.Trial]) -> list[list[str]]:
+        """Each trial's overrides, with its identity (and its MLflow run) for the job in env_set; a trial whose
+        run cannot be made is FAIL with the reason, so none is left RUNNING."""
+        try:
+            return [self._job(trial) for trial in batch]
+        except Exception as e:
+            for trial in batch:
+                studies.tell(self.study, trial, optuna.trial.TrialState.FAIL, None,
+                             f"its job could not be prepared: {one_line(e)}")
+            raise
+
+    def _job(self, trial: optuna.Trial) -> list[str]:
+        overrides = [f"{k}={v}" for k, v in trial.params.items()] + self.fixed_args
+        trial.set_user_attr(OVERRIDES_ATTR, [mask_secrets(o) for o in overrides])
+        env = TrialRef("", self.study.study_name, trial.number).job_env()
+        run_id = self.tracker.trial_run(self.study.study_name, trial.number)
+        if run_id:
+            env |= {"MLFLOW_RUN_ID": run_id}
+            trial.set_user_attr(RUN_ID_ATTR, run_id)
+        return overrides + [f"++hydra.job.env_set.{k}={quote(v)}" for k, v in env.items()]
+
+    def _tell(self, trial: optuna.Trial, ret) -> None:
+        """Tell the trial's end to the study and its MLflow run; a job that stopped the sweep stops it here."""
+        end = outcome(ret, len(self.settings.directions), trial.number)
+        if end.interrupted:  # stopped from outside (scancel, a time limit), as Ctrl-C is here
+            self.recovery.stopped(trial, end.reason)
+        else:
+            studies.tell(self.study, trial, end.state, end.values, end.reason)
+            self.tracker.end_trial_run(trial.user_attrs.get(RUN_ID_ATTR), end.state)
+        if end.stop is not None:
+            raise end.stop
+        log.info(trial_end_line(self.study, trial.number, self.n_trials, self.settings.metric_names)
+                 + ("; its parameters run again once" if end.interrupted else ""))
+
+    def _check_failure_rate(self) -> None:
+        failed = studies.failed_count(self.study)
+        # without n_trials (timeout alone) the share is of the trials so far, once there are a few
+        n = self.n_trials
+        of = n if n < UNLIMITED else max(MIN_TRIALS_FOR_RATE, studies.budget_used(self.study))
+        if failed > self.settings.max_failure_rate * of:
+            raise UserError(f"{failed} trials of the study failed, more than hydra.sweeper.max_failure_rate="
+                            f"{self.settings.max_failure_rate} of its {budget_text(of)} trials; see the trials' "
+                            f"'{FAIL_REASON_ATTR}' in the study")
