@@ -146,8 +146,6 @@ def test_an_impossible_space_is_one_error_line_before_any_trial(tmp_path, expres
     assert not (tmp_path / "study.db").exists() or not study(tmp_path).trials
 
 
-@pytest.mark.xfail(reason="h3 rewrites _space.py: an empty range is named in its error (issue 22, item 5); today "
-                          "Hydra's 'Cannot convert sweep to str'", strict=False)
 def test_an_empty_range_is_named_in_its_error(tmp_path):
     result = sweep(make_app(tmp_path), "x=range(1,1)")
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -156,7 +154,7 @@ def test_an_empty_range_is_named_in_its_error(tmp_path):
 
 @pytest.mark.xfail(reason="a trial's value is passed to its job as an unquoted `key=value` (as upstream does), so a "
                           "string that Hydra's grammar reads otherwise ('a,b', 'x=y', \"it's\", '1') fails the job "
-                          "or reaches it changed; quoting it is _sweeper.py's (h3)", strict=False)
+                          "or reaches it changed: left for issue 23 (a job override Hydra cannot parse)", strict=True)
 def test_string_choices_reach_the_job_unchanged(tmp_path):
     app = make_app(tmp_path, n_trials=5, p={"s": None})
     result = sweep(app, "p.s=choice('a,b','x=y','it\\'s',str(1),'[1]')", "hydra/sweeper/sampler=grid")
@@ -276,8 +274,6 @@ def test_failures_within_max_failure_rate_let_the_sweep_finish(tmp_path):
 
 # -- storage -----------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(reason="h3 changes `storage: null` to a fresh study every invocation (issue 22, item 5); today "
-                          "a study_name in a reused sweep folder resumes", strict=False)
 def test_storage_null_is_a_fresh_study_each_invocation_even_in_a_reused_sweep_folder(tmp_path):
     """Upstream's storage null is an in-memory study: the same command twice runs its trials twice, anew."""
     app = make_app(tmp_path, storage=None, n_trials=2)
