@@ -330,3 +330,17 @@ def test_bad_sweeper_settings_are_one_line(tmp_path, mnist_root, override, messa
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(message)
     assert [r for r in mlflow_runs(tmp_path)[1]] == []  # no parent run was made
+
+
+@pytest.mark.slow
+def test_resuming_a_study_with_another_optimized_metric_is_refused(tmp_path, mnist_root):
+    """val/acc, then optimized_metric=val/loss on the same study: the losses would be ranked as accuracies and the
+    wrong trial become the best config and the registered model. The second command stops before any trial."""
+    first = run_cli(sweep_args(tmp_path, mnist_root, *SPACE, "hydra.sweeper.n_trials=1"), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run_cli(sweep_args(tmp_path, mnist_root, *SPACE, "hydra.sweeper.n_trials=2", "optimized_metric=val/loss"),
+                    cwd=tmp_path)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert "error: study 's' optimizes val/acc (maximize); this sweep asks for val/loss (minimize)" in again.stderr
+    study = load(tmp_path)
+    assert len(study.trials) == 1 and study.metric_names == ["val/acc"]

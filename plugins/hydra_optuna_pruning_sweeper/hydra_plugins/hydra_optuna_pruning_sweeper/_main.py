@@ -78,6 +78,7 @@ class MainProcess:
         s = self.settings
         fresh = s.storage is None and not s.total_budget
         study, grid_size = s.open_study(storage, name, distributions, fresh=fresh)
+        studies.check_objectives(study, s.directions, s.metric_names)  # before set_metric_names renames them
         if s.metric_names:
             study.set_metric_names(s.metric_names)
         if name is not None and study.study_name != name:

@@ -115,6 +115,23 @@ def open_study(storage: RDBStorage, name: str | None, directions: list[str],
     raise ConfigError(f"study {name!r}: no free name {name}-<n> left in the storage")
 
 
+def check_objectives(study: optuna.Study, directions: list[str], metric_names: list[str] | None) -> None:
+    """A study's objectives are fixed once it exists: resumed with another direction or metric, its old and new
+    values would be ranked together (loss values in an accuracy study, the wrong trial called best). Optuna resumes
+    such a study without a word, so it is refused here, naming what the study optimizes and what was asked."""
+    had = [d.name.lower() for d in study.directions]
+    named = study.metric_names
+    if had == directions and (not named or not metric_names or list(named) == list(metric_names)):
+        return
+
+    def shown(names: list[str] | None, dirs: list[str]) -> str:
+        return ", ".join(f"{n} ({d})" if n else d for n, d in zip(names or [None] * len(dirs), dirs))
+
+    raise ConfigError(f"study {study.study_name!r} optimizes {shown(named, had)}; this sweep asks for "
+                      f"{shown(metric_names, directions)}: a study's objective is fixed once it exists. Sweep "
+                      "the study's own metric again, or start another study (hydra.sweeper.study_name=...)")
+
+
 def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
     """Numbers of trials that failed stale and were re-queued: their retry stands in for them in the budget."""
     numbers = set()
