@@ -51,10 +51,18 @@ def _check_no_literal_password(config: DictConfig) -> None:
     for key, value in tracking.flatten(tree).items():
         if isinstance(value, str) and has_literal_password(value):  # error_line masks it
             print(shell.error_line(f"{key}={value} holds a password in clear text, which would be saved in logs, "
-                                   "Hydra's output folders and MLflow. Leave it out of the URL and set PGPASSWORD "
-                                   "or ~/.pgpass, or write it as ${oc.env:MY_DB_PASSWORD} and export "
-                                   "MY_DB_PASSWORD"), file=sys.stderr)
+                                   f"Hydra's output folders and MLflow. {password_advice(value)}"), file=sys.stderr)
             raise SystemExit(shell.ERROR_EXIT)
+
+
+def password_advice(url: str) -> str:
+    """Where the password of this kind of URL goes instead: a tracking server (http) takes MLflow's own variables;
+    PostgreSQL takes PGPASSWORD or ~/.pgpass; any URL may read one from the environment at run time."""
+    env = "write it as ${oc.env:MY_DB_PASSWORD} and export MY_DB_PASSWORD"
+    if url.lstrip("'\"").startswith(("http://", "https://")):
+        return ("Leave user and password out of the URL and export MLFLOW_TRACKING_USERNAME and "
+                f"MLFLOW_TRACKING_PASSWORD (MLflow sends them to the server), or {env}")
+    return f"Leave it out of the URL and set PGPASSWORD or ~/.pgpass, or {env}"
 
 
 def _check_writable(folder: str, key: str) -> None:

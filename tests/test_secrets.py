@@ -31,6 +31,18 @@ def test_a_written_out_password_is_refused_before_anything_is_saved(tmp_path, mn
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.parametrize("url, advice, not_said", [
+    ("http://bob:pw@127.0.0.1:5000", "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD", "PGPASSWORD"),
+    ("postgresql://bob:pw@db/mnist", "PGPASSWORD or ~/.pgpass", "MLFLOW_TRACKING"),
+])
+def test_the_advice_for_a_written_out_password_fits_the_url(url, advice, not_said):
+    """A tracking server's password is MLflow's business (its own variables), a database's is PostgreSQL's."""
+    from mnist_sweep.__main__ import password_advice
+
+    text = password_advice(url)
+    assert advice in text and not_said not in text and "${oc.env:" in text
+
+
 def test_a_password_resolved_at_run_time_is_never_written_or_printed(tmp_path, mnist_root):
     """Any URL in the config is masked the same way; a second database URL stands in for one the sweep opens
     (tests/test_secrets.py::test_a_postgres_password_from_the_environment_stays_out_of_every_record opens one)."""
