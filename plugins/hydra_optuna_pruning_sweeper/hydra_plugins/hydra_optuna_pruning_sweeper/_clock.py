@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -43,6 +42,8 @@ class SweepClock:
     def start(cls, timeout: float | None, spent_before: float, now: float | None = None) -> "SweepClock":
         """What is left of the study's timeout (`spent_before` seconds of it used by earlier invocations)."""
         now = time.time() if now is None else now
+        import socket  # here, not at import: every Hydra app imports this module when it scans its plugins
+
         invocation = f"{socket.gethostname()}:{os.getpid()}:{now:.0f}"
         return cls(invocation, now, None if timeout is None else now + timeout - spent_before)
 

@@ -22,10 +22,9 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from ._errors import Terminated
-from ._names import FAIL_REASON_ATTR, RUN_ID_ATTR, WORKER_ATTR
-from ._optuna_adapter import fail_stale_trials, is_retry, queue_retry, retried_trial_number, \
-    set_trial_user_attr
-from ._study import claim_lock, tell
+from ._names import RUN_ID_ATTR, WORKER_ATTR
+from ._optuna_adapter import fail_stale_trials, is_retry, queue_retry, retried_trial_number
+from ._study import claim_lock, fail_by_number, tell
 
 log = logging.getLogger("optuna_pruning")
 
@@ -59,8 +58,7 @@ class Recovery:
         with claim_lock(self.storage, self.study.study_name):
             for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 if t.user_attrs.get(WORKER_ATTR) == worker:
-                    set_trial_user_attr(self.storage, self.study.study_name, t.number, FAIL_REASON_ATTR, reason)
-                    self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+                    fail_by_number(self.study, self.storage, t.number, reason)
                     retry_once(self.study, t.number)
                     dead.append(t)
         for t in dead:  # after the lock: MLflow may be slow, and no one else ends these runs

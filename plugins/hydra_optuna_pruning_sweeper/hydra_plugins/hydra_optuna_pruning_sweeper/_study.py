@@ -210,12 +210,18 @@ def claim_trials(study: optuna.Study, storage: RDBStorage, n_trials: int, most: 
             reason = f"the sampler could not propose a trial: {one_line(e)}"
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 if t.number not in known:  # created by this call (ask may fail after creating its trial)
-                    set_trial_user_attr(storage, study.study_name, t.number, FAIL_REASON_ATTR, reason)
-                    study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+                    fail_by_number(study, storage, t.number, reason)
             if isinstance(e, Exception) and not isinstance(e, ConfigError):
                 raise ConfigError(f"hydra.sweeper.sampler: {reason}") from None
             raise
         return batch
+
+
+def fail_by_number(study: optuna.Study, storage: RDBStorage, number: int, reason: str) -> None:
+    """FAIL a RUNNING trial this process holds no Trial object for (one whose process died, or one the sampler
+    left half made), with the reason as its user attr."""
+    set_trial_user_attr(storage, study.study_name, number, FAIL_REASON_ATTR, reason)
+    study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, state: TrialState, values: list[float] | None = None,
