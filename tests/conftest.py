@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -110,6 +113,27 @@ def cli_args(tmp_path: Path, mnist_root: Path, *extra: str) -> list[str]:
             *extra]
 
 
+_MLFLOW_TEMPLATE: list[Path] = []  # this test process's empty, migrated MLflow store, made on first use
+
+
+def migrated_mlflow_store(folder: Path) -> None:
+    """An empty MLflow store at folder/mlflow.db with its schema already made. MLflow builds a new SQLite store
+    through its alembic migrations on first use (2-4 s of CPU here, in every test that sweeps): such tests get a
+    copy of one built once per test process. Tests of what happens before a store exists don't call this."""
+    target = folder / "mlflow.db"
+    if target.exists():
+        return
+    if not _MLFLOW_TEMPLATE:
+        from mlflow.tracking import MlflowClient
+
+        made = Path(tempfile.mkdtemp(prefix="mlflow-template-"))
+        atexit.register(shutil.rmtree, made, ignore_errors=True)
+        MlflowClient(f"sqlite:///{made / 'mlflow.db'}").search_experiments()  # builds the schema
+        _MLFLOW_TEMPLATE.append(made / "mlflow.db")
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_MLFLOW_TEMPLATE[0], target)
+
+
 def mlflow_runs(tmp_path: Path, experiment: str = "mnist_sweep"):
     from mlflow.tracking import MlflowClient
 
@@ -126,6 +150,7 @@ def recorded_study(tmp_path_factory) -> Path:
     study 'tiny' in <dir>/optuna.db, MLflow records in <dir>/mlflow.db, synthetic data in <dir>/data."""
     folder = tmp_path_factory.mktemp("recorded")
     root = make_synthetic_mnist(folder / "data")
+    migrated_mlflow_store(folder)
     args = [a for a in cli_args(folder, root) if not a.startswith("mlflow.registered_model=")]
     result = run_cli(["--multirun", *args, "mlflow.registered_model=mnist_sweep_best", "~hparams_search",
                       "model.dropout=interval(0.1,0.6)",

@@ -10,13 +10,14 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import cli_args, mlflow_runs, run_cli
+from conftest import cli_args, migrated_mlflow_store, mlflow_runs, run_cli
 
 pytestmark = pytest.mark.slow
 SPACE = ["~hparams_search", "model.dropout=interval(0.1,0.6)"]
 
 
 def sweep_args(tmp_path, mnist_root, storage: str, *extra: str) -> list[str]:
+    migrated_mlflow_store(tmp_path)
     return ["--multirun", *cli_args(tmp_path, mnist_root, "trainer.epochs=1", *SPACE),
             f"hydra.sweeper.storage='{storage}'", "hydra.sweeper.study_name=s",
             f"hydra.sweeper.best_config_dir={tmp_path / 'configs'}", *extra]

@@ -25,8 +25,11 @@ def test_real_files_are_the_official_ones():
         assert hashlib.md5((RAW / name).read_bytes()).hexdigest() == md5, name
 
 
-def test_one_epoch_of_the_default_config_reaches_98_percent(tmp_path):
-    result = run_cli(["trainer.epochs=1", "data.download=false", f"data.root={REAL_MNIST}",
+def test_one_epoch_of_the_speedrun_recipe_reaches_98_percent(tmp_path):
+    """The whole path on the real files: torchvision's reader, the split, training, the test set, the record. The
+    speedrun recipe (conf/experiment/speedrun.yaml) cut to one epoch: about 27 s alone on 2 cores, where one epoch
+    of the default config takes about 100 s (the README's tables measure that one)."""
+    result = run_cli(["experiment=speedrun", "trainer.epochs=1", "data.download=false", f"data.root={REAL_MNIST}",
                       f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"hydra.run.dir={tmp_path / 'run'}"],
                      cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -17,7 +17,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import REPO, cli_args, free_port, mlflow_runs, run_cli
+from conftest import REPO, cli_args, free_port, migrated_mlflow_store, mlflow_runs, run_cli
 from hydra_plugins.hydra_optuna_pruning_sweeper._names import WORKER_ATTR
 from hydra_plugins.hydra_optuna_pruning_sweeper._study import counted_trials
 
@@ -47,6 +47,7 @@ def launcher_args(name: str) -> list[str]:
 
 
 def sweep_args(tmp_path, mnist_root, *extra) -> list[str]:
+    migrated_mlflow_store(tmp_path)
     return ["--multirun", *cli_args(tmp_path, mnist_root), f"hydra.sweeper.storage={storage(tmp_path)}",
             "hydra.sweeper.study_name=s", f"hydra.sweeper.best_config_dir={tmp_path / 'configs'}", *extra]
 

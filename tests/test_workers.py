@@ -21,7 +21,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import REPO, cli_args, free_port, mlflow_runs, run_cli
+from conftest import REPO, cli_args, free_port, migrated_mlflow_store, mlflow_runs, run_cli
 from conftest import mlflow_server as start_mlflow_server
 from mnist_sweep.errors import Terminated
 from hydra_plugins.hydra_optuna_pruning_sweeper._local_workers import LocalWorker, Workers, worker_command, worker_env
@@ -60,6 +60,7 @@ def mlflow_server(tmp_path_factory):
 
 
 def worker_args(tmp_path, mnist_root, storage: str, name: str, *extra: str) -> list[str]:
+    migrated_mlflow_store(tmp_path)
     return ["--multirun", *cli_args(tmp_path, mnist_root, "trainer.epochs=1", *SPACE), f"storage.url={storage}",
             "hydra.sweeper.study_name=s", f"hydra.sweeper.best_config_dir={tmp_path / 'configs'}",
             f"hydra.sweep.dir={tmp_path / 'outputs' / name}", *extra]

@@ -17,8 +17,6 @@ import yaml
 from optuna.trial import TrialState
 from hydra_plugins.hydra_optuna_pruning_sweeper import time_spent
 
-from hydra_plugins.hydra_optuna_pruning_sweeper import time_spent
-
 pytestmark = pytest.mark.slow
 
 APP = '''
@@ -145,6 +143,21 @@ def test_a_foreign_app_prunes_from_inside_its_jobs_with_every_launcher(tmp_path,
     assert all(max(t.intermediate_values) < 3 for t in pruned)  # stopped before the last step
     best = min(t.value for t in done if t.state == TrialState.COMPLETE)
     assert best == 0.0  # x=1 is never pruned: it is the best at every step
+
+
+@pytest.mark.parametrize("pruner", ["hyperband", "successive_halving"])
+def test_the_rung_pruners_cut_a_foreign_apps_worst_trials(tmp_path, pruner):
+    """hydra/sweeper/pruner=hyperband|successive_halving with their defaults, on 9-step curves: some trials stop at
+    a rung, and x=1, the best at every step, always reaches the end."""
+    app = make_app(tmp_path, params={"x": "choice(1, 4, 0, 5, 2, -3)", "y": "choice(0)"}, n_trials=6)
+    result = sweep(app, "hydra/sweeper/sampler=grid", f"hydra/sweeper/pruner={pruner}", "steps=9")
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = trials(app)
+    pruned = [t for t in done if t.state == TrialState.PRUNED]
+    assert len(done) == 6 and pruned, [(t.params, t.state) for t in done]
+    assert all(max(t.intermediate_values) < 9 for t in pruned)
+    (best,) = [t for t in done if t.params["x"] == 1]
+    assert best.state == TrialState.COMPLETE and best.value == 0.0
 
 
 def test_total_budget_resumes_the_study(tmp_path):
