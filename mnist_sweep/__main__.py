@@ -17,10 +17,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from . import shell, tracking
 from .config import CONFIG_PATH, build_recording, build_spec
-from .errors import ConfigError
+from .errors import ConfigError, unresolved
 from hydra_plugins.hydra_optuna_pruning_sweeper import has_literal_password
 
 if TYPE_CHECKING:
@@ -38,11 +39,27 @@ class OutputDirCheck(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         _check_no_literal_password(config)
+        _check_resolvable(config, sweeping=False)
         _check_writable(config.hydra.run.dir, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _check_no_literal_password(config)
+        _check_resolvable(config, sweeping=True)
         _check_writable(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+def _check_resolvable(config: DictConfig, sweeping: bool) -> None:
+    """Every interpolation of the run's config (and of the sweeper's settings, in a sweep) resolves: an unset
+    ${oc.env:VAR} is this line, not a traceback from deep inside Hydra or a run. Hydra's runtime keys are Hydra's."""
+    keys = [k for k in config if k != "hydra"] + (["hydra.sweeper"] if sweeping else [])
+    try:
+        for key in keys:
+            node = OmegaConf.select(config, key)  # a scalar resolves here, a node below
+            if OmegaConf.is_config(node):
+                OmegaConf.to_container(node, resolve=True)
+    except InterpolationResolutionError as e:
+        print(shell.error_line(str(unresolved(e))), file=sys.stderr)
+        raise SystemExit(shell.ERROR_EXIT) from None
 
 
 def _check_no_literal_password(config: DictConfig) -> None:

@@ -85,6 +85,10 @@ def _factory(node: DictConfig | None, key: str):
     return partial, interval
 
 
+# The run config's top-level keys (conf/config.yaml and its groups); Hydra adds `+key=value` anywhere without asking
+TOP_LEVEL_KEYS = ("model", "optimizer", "scheduler", "data", "trainer", "optimized_metric", "mlflow", "storage")
+
+
 def build_spec(cfg: DictConfig) -> RunSpec:
     """The composed config as plain, validated dataclasses; raises ConfigError naming the bad key."""
     # here, not at the top: torch comes with them, and a sweep's main process, which composes but never trains,
@@ -92,6 +96,12 @@ def build_spec(cfg: DictConfig) -> RunSpec:
     from .data import DataConfig
     from .model import ModelConfig
     from .train import RunSpec, TrainerConfig
+
+    unknown = [k for k in cfg if k not in TOP_LEVEL_KEYS]
+    if unknown:
+        raise ConfigError(f"{unknown[0]}={shown(cfg.get(unknown[0]))} is not a setting of mnist_sweep (a `+key=...` "
+                          f"adds any key, and nothing would read it); the top-level keys are "
+                          f"{', '.join(TOP_LEVEL_KEYS)}: see `python -m mnist_sweep --cfg job`")
 
     metrics = tuple(metric_names(cfg.optimized_metric))
     make_optimizer, _ = _factory(cfg.optimizer, "optimizer")

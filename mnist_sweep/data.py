@@ -59,6 +59,9 @@ class DataConfig:
     num_workers: int = 0  # DataLoader workers, classic loader only
 
     def __post_init__(self) -> None:
+        if not isinstance(self.root, str) or not self.root.strip():  # '' would be the current folder
+            raise ConfigError(f"data.root={self.root!r} is empty: point it at the folder that holds MNIST/raw/, e.g. "
+                              "data.root=../shared/data, or leave it out and export MNIST_ROOT")
         if self.loader not in LOADERS:
             raise ConfigError(f"data.loader={self.loader!r} is not a loader; allowed: {', '.join(LOADERS)}")
         for key in ("batch_size", "eval_batch_size"):

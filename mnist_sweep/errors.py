@@ -6,7 +6,7 @@ the app adds those of MNIST and training.
 """
 
 from hydra_plugins.hydra_optuna_pruning_sweeper import (  # noqa: F401  (re-exported for the app's modules)
-    MAX_LINE, ConfigError, JobInterrupted, StopSweep, Terminated, UserError, one_line)
+    MAX_LINE, ConfigError, JobInterrupted, StopSweep, Terminated, UserError, one_line, unresolved)
 
 
 class DataError(UserError, StopSweep):

@@ -56,14 +56,21 @@ def test_logged_weights_load_back_with_the_same_accuracy(tmp_path, mnist_root):
 
 # The CLI's side of a bad input: one `error:` line, exit 2, no traceback, nothing in MLflow. Every bad input's message
 # is checked in-process (tests/test_bad_input.py); these two fail in build_spec and in prepare (no data).
-@pytest.mark.parametrize("override", ["optimizer.lr=abc", "MISSING_DATA"])
+# (and an unset variable in ${oc.env:...}, which Hydra resolves before any of the app's code runs)
+UNSET_ENV = "mlflow.tracking_uri=${oc.env:MNIST_SWEEP_NO_SUCH_VARIABLE}"
+
+
+@pytest.mark.parametrize("override", ["optimizer.lr=abc", "MISSING_DATA", UNSET_ENV],
+                         ids=["optimizer.lr=abc", "MISSING_DATA", "UNSET_ENV"])
 def test_a_bad_input_is_one_error_line_and_no_run(tmp_path, mnist_root, override):
     extra = f"data.root={tmp_path / 'empty'}" if override == "MISSING_DATA" else override
     result = run_cli(cli_args(tmp_path, mnist_root, extra), cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     (line,) = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    expected = "error: optimizer.lr='abc' must be a number" if override == "optimizer.lr=abc" else \
-        f"error: MNIST not found: {tmp_path / 'empty' / 'MNIST' / 'raw'} lacks"
+    expected = {"optimizer.lr=abc": "error: optimizer.lr='abc' must be a number",
+                "MISSING_DATA": f"error: MNIST not found: {tmp_path / 'empty' / 'MNIST' / 'raw'} lacks",
+                UNSET_ENV: "error: mlflow.tracking_uri: the environment variable MNIST_SWEEP_NO_SUCH_VARIABLE that it "
+                           "reads (${oc.env:MNIST_SWEEP_NO_SUCH_VARIABLE}) is not set; export it"}[override]
     assert line.startswith(expected)
     assert not (tmp_path / "mlflow.db").exists()  # refused before the MLflow store was opened
 

@@ -1,5 +1,6 @@
 """Every option of every config group composes with Hydra's compose API and builds a valid run."""
 
+import inspect
 import re
 from pathlib import Path
 
@@ -62,6 +63,22 @@ def test_every_search_space_composes_and_parses(space):
     assert len(distributions) >= 6
     for key in [*distributions, *fixed]:
         assert OmegaConf.select(cfg, key) is not None, key  # a group (optimizer) or a value (model.dropout)
+
+
+@pytest.mark.parametrize("space", SPACES)
+@pytest.mark.parametrize("sampler", ["random", "grid", "cmaes"])
+def test_another_sampler_replaces_the_spaces_tpe_settings(space, sampler):
+    """A space's TPE settings live in its own sampler option (conf/hydra/sweeper/sampler/tpe_<space>.yaml), so
+    hydra/sweeper/sampler=<other> drops them rather than failing on a key the other sampler lacks."""
+    import hydra.utils
+
+    cfg = compose_config(f"hparams_search={space}", f"hydra/sweeper/sampler={sampler}", hydra=True)
+    settings = OmegaConf.to_container(cfg.hydra.sweeper.sampler)
+    accepted = inspect.signature(hydra.utils.get_class(settings["_target_"])).parameters
+    assert set(settings) - {"_target_", "_partial_"} <= set(accepted)  # GridSampler is a partial: checked here
+    assert hydra.utils.instantiate(settings) is not None
+    tpe = compose_config(f"hparams_search={space}", hydra=True).hydra.sweeper.sampler
+    assert tpe._target_ == "optuna.samplers.TPESampler" and tpe.seed == 0 and tpe.n_startup_trials >= 8
 
 
 def test_every_yaml_value_is_commented():

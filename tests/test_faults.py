@@ -1,4 +1,5 @@
-"""Faults of the places a sweep writes to: a read-only or locked SQLite storage, an unwritable location. Each
+"""Faults of the places a sweep writes to: a read-only or locked SQLite storage, an unwritable location, a full
+disk. Each
 stops with one clear line or waits, and what was finished before survives (see docs/reliability.md)."""
 
 import sqlite3
@@ -69,3 +70,35 @@ def test_an_unwritable_location_is_one_clear_error(tmp_path, mnist_root, where):
     (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     key = "hydra.sweeper.storage" if where == "optuna" else "mlflow.tracking_uri"
     assert key in line and str(blocker) in line
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A folder on a 2 MB tmpfs, mounted for the test (root only) and filled up to its last bytes by the test."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"a small tmpfs could not be mounted (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_disk_under_the_mlflow_store_is_one_line(tmp_path, mnist_root, full_disk):
+    """SQLite's "database or disk is full" when the store's disk has no byte left."""
+    migrated_mlflow_store(full_disk)
+    with open(full_disk / "filler", "wb", buffering=0) as filler:  # every free byte of the tmpfs
+        try:
+            while True:
+                filler.write(b"\0" * 4096)
+        except OSError:
+            pass
+    args = [a if not a.startswith("mlflow.tracking_uri=") else f"mlflow.tracking_uri=sqlite:///{full_disk / 'mlflow.db'}"
+            for a in cli_args(tmp_path, mnist_root, "trainer.epochs=1")]
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert line.startswith("error: the MLflow tracking store (mlflow.tracking_uri) has no space left: database or "
+                           "disk is full; free space on its disk")

@@ -168,6 +168,14 @@ def test_a_config_error_stops_the_sweep_at_the_first_trial(tmp_path, mnist_root)
     assert parents[0].info.status == "FAILED"
 
 
+def test_a_sweep_without_a_search_space_is_refused(tmp_path, mnist_root):
+    """hparams_search=none and nothing swept on the command line: every trial would train the same config."""
+    result = run_cli(sweep_args(tmp_path, mnist_root, "hparams_search=none"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "error: nothing to search: hydra.sweeper.params is empty" in result.stderr
+    assert not (tmp_path / "optuna.db").exists()  # refused before the study was made
+
+
 def test_bad_search_space_syntax_is_a_clear_error(tmp_path, mnist_root):
     result = run_cli(sweep_args(tmp_path, mnist_root, "~hparams_search", "model.dropout=interval(0.6)",
                                 "hydra.sweeper.n_trials=2"), cwd=tmp_path)

@@ -152,9 +152,6 @@ def test_an_empty_range_is_named_in_its_error(tmp_path):
     assert "range(1,1)" in last_line(result) and "empty" in last_line(result)
 
 
-@pytest.mark.xfail(reason="a trial's value is passed to its job as an unquoted `key=value` (as upstream does), so a "
-                          "string that Hydra's grammar reads otherwise ('a,b', 'x=y', \"it's\", '1') fails the job "
-                          "or reaches it changed: left for issue 23 (a job override Hydra cannot parse)", strict=True)
 def test_string_choices_reach_the_job_unchanged(tmp_path):
     app = make_app(tmp_path, n_trials=5, p={"s": None})
     result = sweep(app, "p.s=choice('a,b','x=y','it\\'s',str(1),'[1]')", "hydra/sweeper/sampler=grid")

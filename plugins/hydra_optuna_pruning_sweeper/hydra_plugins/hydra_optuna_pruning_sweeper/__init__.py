@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._errors import MAX_LINE, ConfigError, JobInterrupted, StopSweep, Terminated, UserError, one_line
+from ._errors import MAX_LINE, ConfigError, JobInterrupted, StopSweep, Terminated, UserError, one_line, unresolved
 from ._names import (END_REASON_ATTR, END_REASON_TAG, FAIL_REASON_ATTR, KIND_TAG, OPTIMIZED_METRIC_PARAM,
                      OVERRIDES_ATTR, PARENT_RUN_ATTR, PARENT_TAG, RUN_ID_ATTR, STUDY_KIND, STUDY_TAG,
                      TRIAL_NUMBER_TAG, TRIAL_STATE_TAG, WORKER_ATTR)
@@ -41,7 +41,7 @@ _LAZY = {
     **dict.fromkeys(("time_spent",), "_clock"),
 }
 
-__all__ = ["MAX_LINE", "ConfigError", "JobInterrupted", "StopSweep", "Terminated", "UserError", "one_line",
+__all__ = ["MAX_LINE", "ConfigError", "JobInterrupted", "StopSweep", "Terminated", "UserError", "one_line", "unresolved",
            "END_REASON_ATTR", "END_REASON_TAG", "FAIL_REASON_ATTR", "KIND_TAG", "OPTIMIZED_METRIC_PARAM",
            "OVERRIDES_ATTR", "PARENT_RUN_ATTR", "PARENT_TAG", "RUN_ID_ATTR", "STUDY_KIND", "STUDY_TAG",
            "TRIAL_NUMBER_TAG", "TRIAL_STATE_TAG", "WORKER_ATTR", "has_literal_password", "mask_secrets",

@@ -2,6 +2,8 @@
 exits 2; anything else is a bug and keeps its traceback. Apps raise StopSweep (or ConfigError) from a job to stop
 the whole sweep."""
 
+import re
+
 
 class StopSweep(Exception):
     """Raised by a sweep's job (any app): the sweeper marks the trial FAIL and stops the whole sweep with this
@@ -54,3 +56,16 @@ def one_line(e: BaseException, *, typed: bool = True) -> str:
     if typed or not text:
         text = f"{type(e).__name__}: {text}" if text else type(e).__name__
     return text if len(text) <= MAX_LINE else text[:MAX_LINE - 3] + "..."
+
+
+def unresolved(e: BaseException) -> ConfigError:
+    """OmegaConf's error for an interpolation that does not resolve (an unset variable in ${oc.env:VAR}, a key that
+    is not there) as one line naming the key; the caller raises it."""
+    key = getattr(e, "full_key", "") or "a config value"
+    text = one_line(e, typed=False)
+    missing = re.search(r"Environment variable '([^']+)' not found", text)
+    if missing:
+        var = missing.group(1)
+        return ConfigError(f"{key}: the environment variable {var} that it reads (${{oc.env:{var}}}) is not set; "
+                           f"export it, or give it a default: ${{oc.env:{var},<default>}}")
+    return ConfigError(f"{key} could not be resolved: {text}")

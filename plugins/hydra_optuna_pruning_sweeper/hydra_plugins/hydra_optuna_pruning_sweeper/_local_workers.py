@@ -10,6 +10,7 @@ storage URL reaches it in the inherited environment, never on its command line (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from ._errors import Terminated
 from ._names import LOCAL_WORKER_ENV
@@ -227,6 +228,21 @@ class WorkerFailed(Exception):
 
 def _raise_terminated(signum: int, frame) -> None:
     raise Terminated()
+
+
+@contextlib.contextmanager
+def terminated_on_sigterm() -> Iterator[None]:
+    """SIGTERM (kill, `timeout`, docker stop) ends the sweep as Ctrl-C does, with its trials failed and re-queued,
+    where the app left SIGTERM's default, which kills the process on the spot and leaves its trials RUNNING. An
+    app's own handler, or SIGTERM ignored, is kept."""
+    if not _in_main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _in_main_thread() -> bool:

@@ -7,17 +7,19 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 from omegaconf import DictConfig
 
 from . import _study as studies, _worker_pool as worker_pool
 from ._clock import SweepClock, time_spent
+from ._errors import MAX_LINE, ConfigError, one_line
 from ._launchers import check_cluster, quiet_launcher_logs, share_cores
 from ._recovery import Recovery
 from ._redact import mask_secrets
 from ._settings import UNLIMITED, Settings
+from ._space import sample_overrides
 from ._summary import budget_spent, budget_text, summarize
 from ._tracker import make_tracker
 from ._trial import TrialRef
@@ -28,13 +30,17 @@ STORAGE_FILE = "optuna.db"  # in the sweep folder, with hydra.sweeper.storage nu
 
 
 class MainProcess:
-    def __init__(self, settings: Settings, config: DictConfig, launcher: Any) -> None:
-        self.settings, self.config, self.launcher = settings, config, launcher
+    def __init__(self, settings: Settings, config: DictConfig, launcher: Any,
+                 compose: Callable[[list[str]], Any]) -> None:
+        """`compose`: the app's config with a trial's overrides applied (Hydra's sweep config loader)."""
+        self.settings, self.config, self.launcher, self.compose = settings, config, launcher, compose
         self.sweep_dir = Path(config.hydra.sweep.dir)
+        self.trials_over = False  # every trial of this invocation has ended: an interruption now costs none
 
     def run(self, arguments: list[str]) -> None:
         s = self.settings
         space = s.search_space(arguments)
+        self._check_space(*space)
         check_cluster(self.launcher)  # before the study, its parent run or any trial exists
         name = self._study_name(space)
         url = s.storage or f"sqlite:///{self.sweep_dir.absolute() / STORAGE_FILE}"
@@ -52,7 +58,7 @@ class MainProcess:
         os.environ.update(TrialRef(url, study.study_name, -1, s.pruner, clock.deadline).sweep_env())
         tracker.export_to_jobs(os.environ)
         share_cores(self.launcher, s.n_jobs)
-        with tracker.study_run(study, storage, space[0], self.config.hydra.job.name):
+        with tracker.study_run(study, storage, space[0], self.config.hydra.job.name) as run_end:
             time_left = "" if s.timeout is None else \
                 f", {max(0.0, s.timeout - spent):.0f}/{s.timeout:g} s of hydra.sweeper.timeout left"
             log.info(f"study {study.study_name!r} in {mask_secrets(url)}: {studies.budget_used(study)}/"
@@ -61,10 +67,28 @@ class MainProcess:
             recovery.close_orphan_runs()
             try:
                 self._run_trials(study, storage, space, tracker, recovery, clock, n_trials)
+                self.trials_over = run_end.trials_over = True
             finally:
                 clock.record(study)
                 summarize(study, s, self.sweep_dir, set(self.config.hydra.runtime.choices.keys()), tracker)
                 recovery.close_orphan_runs()  # a dead worker's trial, failed while we ran
+
+    def _check_space(self, distributions: dict, fixed: list[str]) -> None:
+        """Before any study or trial: a space to search, a sampler that builds on it (a grid that fits), and one
+        point of it that the app's config takes."""
+        if not distributions and not self.settings.custom_search_space:
+            raise ConfigError("nothing to search: hydra.sweeper.params is empty and the command line sweeps no key, "
+                              "so every trial would run the same config; give a search space (hydra.sweeper.params "
+                              "or e.g. 'x=interval(0,1)' on the command line), or repeat a run with "
+                              "hydra/sweeper=basic and e.g. seed=1,2,3")
+        self.settings.seeded_sampler(0, distributions)
+        overrides = sample_overrides(distributions, fixed)
+        try:
+            self.compose(overrides)
+        except Exception as e:  # Hydra's whole message: its second line is the fix ("To append ... use +key=")
+            why = " ".join(line.strip() for line in str(e).splitlines() if line.strip())[:MAX_LINE]
+            raise ConfigError(f"the search space does not fit the app's config ({' '.join(overrides)}): "
+                              f"{why or one_line(e)}") from None
 
     def _study_name(self, space: tuple[dict, list[str]]) -> str | None:
         """study_name, else space_name and a hash of the space, else None (Optuna then makes one up)."""

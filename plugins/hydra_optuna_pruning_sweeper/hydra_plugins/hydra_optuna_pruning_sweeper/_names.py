@@ -9,6 +9,9 @@ FAIL_REASON_ATTR = "fail_reason"  # trial user attr: why a trial failed
 END_REASON_ATTR = "end_reason"  # trial user attr: why a trial ended early without failing (pruned)
 OVERRIDES_ATTR = "overrides"  # trial user attr: the command-line overrides that reproduce the trial
 WORKER_ATTR = "worker"  # trial user attr: host:pid of the sweeper process that claimed the trial
+# trial user attr: that process's host and PID namespace ("host pid:[4026531836]"), where its pid names it: a process
+# that shares it sees at once that the claimer is gone (with or without heartbeats)
+WORKER_PIDS_ATTR = "worker_pid_namespace"
 # study user attrs, one per invocation (sweeper process) that ran trials: [start, last seen] in Unix seconds; their
 # union is the time the study has spent, which a resumed hydra.sweeper.timeout goes on from
 TIME_SPENT_ATTR_PREFIX = "sweep_time:"

@@ -6,7 +6,9 @@ budget, see _study.counted_trials). How a trial gets here:
 - its job was stopped from outside: scancel, a time limit, a lost node (`stopped`, from a JobInterrupted outcome);
 - its local worker process was killed (`dead_worker`): the main process knows at once, no grace period;
 - its process stopped beating, in any worker on any machine (`fail_stale`, under the claim lock: Optuna's retry
-  callback, set on the storage by _study.make_storage, queues the retry).
+  callback, set on the storage by _study.make_storage, queues the retry);
+- its process is gone from this machine, heartbeats or not (`fail_stale` too): SIGKILL, the OOM killer, or a
+  SIGTERM to an app that kept SIGTERM's default where the sweep could not set its own.
 
 The MLflow runs of stale trials, and any run a dead process left RUNNING, are found by a search
 (`close_orphan_runs`) when a sweep starts and when it ends: a run is only closed once its trial has ended and
@@ -22,9 +24,9 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from ._errors import Terminated
-from ._names import RUN_ID_ATTR, WORKER_ATTR
+from ._names import RUN_ID_ATTR, WORKER_ATTR, WORKER_PIDS_ATTR
 from ._optuna_adapter import fail_stale_trials, is_retry, queue_retry, retried_trial_number
-from ._study import claim_lock, fail_by_number, tell
+from ._study import claim_lock, fail_by_number, pid_namespace, process_gone, tell
 
 log = logging.getLogger("optuna_pruning")
 
@@ -66,9 +68,16 @@ class Recovery:
         return [t.number for t in dead]
 
     def fail_stale(self) -> None:
-        """FAIL (and re-queue once) the trials whose process stopped beating; a no-op without heartbeats. Called
-        under the claim lock (their retries free room in the budget), and when a study is opened."""
+        """FAIL (and re-queue once) the trials whose process stopped beating (with heartbeats on), and those whose
+        process on this machine is gone. Called under the claim lock (their retries free room in the budget), and
+        when a study is opened."""
         fail_stale_trials(self.study)
+        here = pid_namespace()
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            worker = t.user_attrs.get(WORKER_ATTR, "")
+            if here and t.user_attrs.get(WORKER_PIDS_ATTR) == here and process_gone(int(worker.rsplit(":", 1)[1])):
+                fail_by_number(self.study, self.storage, t.number, f"its sweeper process {worker} is gone")
+                retry_once(self.study, t.number)
 
     def close_orphan_runs(self) -> None:
         """Runs left RUNNING whose trial is no longer running (see the module's docstring)."""

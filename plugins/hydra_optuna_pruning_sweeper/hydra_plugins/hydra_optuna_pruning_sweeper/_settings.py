@@ -14,10 +14,11 @@ from typing import Any, Mapping
 import optuna
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from . import _study as studies
-from ._errors import ConfigError, one_line
-from ._space import grid_choices, sweep_space
+from ._errors import ConfigError, one_line, unresolved
+from ._space import check_grid_size, grid_choices, sweep_space
 from ._trial import build_pruner
 
 SAMPLER_TARGETS = ("optuna.samplers.*", "hydra_plugins.hydra_optuna_sweeper.*")  # upstream's configs too
@@ -81,11 +82,11 @@ class Settings:
             raise ConfigError(f"hydra.sweeper.sampler: {cfg.get('_target_')!r} could not be built: "
                               f"{one_line(e)}") from None
         if isinstance(sampler, functools.partial) and sampler.func is optuna.samplers.GridSampler:
+            size = check_grid_size(distributions)
             grid = {k: grid_choices(k, d) for k, d in distributions.items()}
             # The seed shuffles the grid, and the study knows a point by its place in that order: every worker
             # and every resume must keep the user's seed, or they run some points twice and others never
-            grid_sampler = sampler.func(grid, **(sampler.keywords | {"seed": seed}))
-            return grid_sampler, math.prod(len(v) for v in grid.values())
+            return sampler.func(grid, **(sampler.keywords | {"seed": seed})), size
         return sampler, None
 
     def open_study(self, storage, name: str | None, distributions: dict, fresh: bool = False
@@ -134,8 +135,14 @@ def check_settings(*, sampler: Any = None, pruner: Any = None, direction: Any = 
 
 
 def _plain(value: Any) -> Any:
-    """A DictConfig (as Hydra passes nested settings) as plain containers, interpolations resolved."""
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    """A DictConfig (as Hydra passes nested settings) as plain containers, interpolations resolved; one that does
+    not resolve (an unset ${oc.env:VAR}) is a ConfigError naming its key."""
+    if not OmegaConf.is_config(value):
+        return value
+    try:
+        return OmegaConf.to_container(value, resolve=True)
+    except InterpolationResolutionError as e:
+        raise unresolved(e) from None
 
 
 def _checked_budget(n_trials: Any, timeout: Any) -> float | None:

@@ -4,6 +4,7 @@ Hydra's public override parser into Optuna distributions, and a trial's override
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import Any, Mapping
 
@@ -42,6 +43,15 @@ def sweep_space(params: Mapping[str, Any] | None, arguments: list[str], warn: bo
     for key in given:
         fixed.pop(key, None)
     return distributions, [f"{k}={v}" for k, v in fixed.items()] + space_other + given_other
+
+
+def sample_overrides(distributions: Mapping[str, Any], fixed: list[str]) -> list[str]:
+    """One point of the space as a trial's overrides (each parameter's first choice or lower end): what the sweep
+    composes once before any trial, so that a key the app's config cannot take fails there, not in a job."""
+    def first(d) -> Any:
+        return d.choices[0] if isinstance(d, CategoricalDistribution) else d.low
+
+    return [f"{k}={quote_value(first(d))}" for k, d in distributions.items()] + list(fixed)
 
 
 def recipe(overrides: list[str], groups: set[str], exclude: tuple[str, ...] = ()) -> tuple[dict[str, str],
@@ -110,16 +120,44 @@ def override_text(override: Override) -> str:
     return (override.input_line or override.get_key_element()).strip()
 
 
-def grid_choices(name: str, d) -> list:
-    """The points of one parameter of a grid: a choice's options, an integer range, or a stepped float range."""
+# GridSampler holds every point of the grid in memory, a tuple each (about 100 bytes): a million points is about
+# 100 MB, and far more trials than a sweep runs; range(0,100000) x range(0,100000) would be 10^10 points
+MAX_GRID_POINTS = 1_000_000
+
+
+def grid_size(name: str, d) -> int:
+    """How many points one parameter gives a grid: a choice's options, an integer range's or a stepped float
+    range's values (counted, not listed)."""
     if isinstance(d, CategoricalDistribution):
-        return list(d.choices)
+        return len(d.choices)
     if isinstance(d, IntDistribution) and not d.log:
-        return list(range(d.low, d.high + 1, d.step))
+        return (d.high - d.low) // d.step + 1
     if isinstance(d, FloatDistribution) and d.step is not None and not d.log:
-        return [d.low + i * d.step for i in range(int(round((d.high - d.low) / d.step)) + 1)]
+        return int(round((d.high - d.low) / d.step)) + 1
     raise ConfigError(f"hydra/sweeper/sampler=grid needs a finite grid, but {name} is {d!r}; use choice(...) or "
                       "range(...), or another sampler")
+
+
+def check_grid_size(distributions: Mapping[str, Any]) -> int:
+    """The grid's number of points, before any is listed; a ConfigError naming each parameter's share when it is
+    more than MAX_GRID_POINTS."""
+    sizes = {k: grid_size(k, d) for k, d in distributions.items()}
+    total = math.prod(sizes.values())
+    if total > MAX_GRID_POINTS:
+        shares = " x ".join(f"{k} {n:,}" for k, n in sizes.items())
+        raise ConfigError(f"hydra/sweeper/sampler=grid: the grid has {total:,} points ({shares}), more than the "
+                          f"{MAX_GRID_POINTS:,} it can hold in memory; use coarser range steps or fewer choices, "
+                          "or a sampler that draws points (tpe, random, qmc)")
+    return total
+
+
+def grid_choices(name: str, d) -> list:
+    """The points of one parameter of a grid (check_grid_size first: this lists them)."""
+    if isinstance(d, CategoricalDistribution):
+        return list(d.choices)
+    if isinstance(d, IntDistribution):
+        return list(range(d.low, d.high + 1, d.step))
+    return [d.low + i * d.step for i in range(grid_size(name, d))]
 
 
 def quote(value: str) -> str:
@@ -128,9 +166,15 @@ def quote(value: str) -> str:
 
 
 def quote_value(value: Any) -> str:
-    """A value as an override writes it: true/false/null, a plain word, or a quoted string."""
+    """A value as an override writes it, so that Hydra reads back the same value and type: true/false/null, a
+    number, a plain word, or a quoted string (a string Hydra would read as something else: 'a,b', "it's", '1',
+    'true', 'nan')."""
     if isinstance(value, bool) or value is None:
         return {True: "true", False: "false", None: "null"}[value]
-    if isinstance(value, str) and not re.fullmatch(r"[\w./:@+-]+", value):
-        return quote(value)
+    if isinstance(value, str):
+        plain = re.fullmatch(r"[A-Za-z_][\w./:@+-]*", value) and value.lower() not in READ_AS_OTHER
+        return value if plain else quote(value)
     return str(value)
+
+
+READ_AS_OTHER = {"true", "false", "null", "inf", "nan"}  # words Hydra's grammar reads as a bool, None or a float

@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 import warnings
+from pathlib import Path
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, ContextManager, Iterator, Sequence
 
@@ -32,7 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import _locks as locks
 from ._errors import ConfigError, one_line
-from ._names import END_REASON_ATTR, FAIL_REASON_ATTR, WORKER_ATTR
+from ._names import END_REASON_ATTR, FAIL_REASON_ATTR, WORKER_ATTR, WORKER_PIDS_ATTR
 from ._optuna_adapter import engine, heartbeat_interval, record_heartbeat, retried_trial_number, set_trial_user_attr, \
     stale_trial_retry, trial_id
 from ._redact import mask_secrets
@@ -195,7 +196,7 @@ def claim_trials(study: optuna.Study, storage: RDBStorage, n_trials: int, most: 
         room = n_trials - budget_used(study)
         if room <= 0:
             return []
-        worker = f"{socket.gethostname()}:{os.getpid()}"
+        worker, pids = f"{socket.gethostname()}:{os.getpid()}", pid_namespace()
         known = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         batch = []
         try:
@@ -205,6 +206,8 @@ def claim_trials(study: optuna.Study, storage: RDBStorage, n_trials: int, most: 
                 if heartbeat_interval(storage):
                     record_heartbeat(storage, trial_id(storage, study.study_name, trial.number))
                 trial.set_user_attr(WORKER_ATTR, worker)
+                if pids:
+                    trial.set_user_attr(WORKER_PIDS_ATTR, pids)
                 suggest(trial)
         except BaseException as e:
             reason = f"the sampler could not propose a trial: {one_line(e)}"
@@ -215,6 +218,26 @@ def claim_trials(study: optuna.Study, storage: RDBStorage, n_trials: int, most: 
                 raise ConfigError(f"hydra.sweeper.sampler: {reason}") from None
             raise
         return batch
+
+
+def pid_namespace() -> str | None:
+    """This process's host and PID namespace, where a pid names one process; None where /proc does not say."""
+    try:
+        return f"{socket.gethostname()} {os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+def process_gone(pid: int) -> bool:
+    """Whether no process (or only the zombie of one) has this pid in this PID namespace."""
+    try:
+        os.kill(pid, 0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process, or no /proc: taken to live
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
 
 
 def fail_by_number(study: optuna.Study, storage: RDBStorage, number: int, reason: str) -> None:

@@ -53,6 +53,7 @@ class SweepRun:
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
+        self.compose = functools.partial(hydra_context.config_loader.load_sweep_config, config)
         register_slurm_launcher(config.hydra.launcher)
         self.launcher = Plugins.instance().instantiate_launcher(
             config=config, hydra_context=hydra_context, task_function=task_function)
@@ -62,13 +63,15 @@ class SweepRun:
         # A local worker hands its error line to the main process, which shows the first failure's line only
         say = worker.report if worker else functools.partial(print, file=sys.stderr)
         quiet_optuna()
+        role = None
         try:
             if worker is not None:
                 local_workers.stop_once_on_signals()
             settings = check_settings(**self.hydra_settings)
             role = WorkerProcess(settings, self.config, self.launcher, worker) if worker else \
-                MainProcess(settings, self.config, self.launcher)
-            role.run(arguments)
+                MainProcess(settings, self.config, self.launcher, self.compose)
+            with local_workers.terminated_on_sigterm():
+                role.run(arguments)
         except (UserError, StopSweep) as e:
             say(f"error: {mask_secrets(str(e))}")
             raise SystemExit(2) from None
@@ -83,6 +86,11 @@ class SweepRun:
         except KeyboardInterrupt as e:
             if worker is None:  # the main process says it once, for its workers too
                 how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-                print(f"{how}: the running trial is marked FAIL in the study (its parameters run again on resume) "
-                      "and its MLflow run KILLED; run the same command again to resume", file=sys.stderr)
+                if getattr(role, "trials_over", False):
+                    print(f"{how} after every trial had ended: they are all in the study; the summary (results "
+                          "file, best config) may be incomplete", file=sys.stderr)
+                else:
+                    print(f"{how}: a running trial is marked FAIL in the study (its parameters run again on "
+                          "resume) and its MLflow run KILLED; run the same command again to resume",
+                          file=sys.stderr)
             raise SystemExit(143 if isinstance(e, Terminated) else 130) from None

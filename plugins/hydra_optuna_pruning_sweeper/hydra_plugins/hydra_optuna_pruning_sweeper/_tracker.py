@@ -8,6 +8,7 @@ MLFLOW_RUN_ID and MLFLOW_TRACKING_URI, so a plain `mlflow.start_run()` in it log
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator, MutableMapping
 
 import optuna
@@ -23,6 +24,14 @@ from ._settings import Settings
 from ._study import claim_lock
 
 RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED", TrialState.FAIL: "FAILED"}
+
+
+@dataclass
+class StudyRunEnd:
+    """What the main process tells the study's run before it ends: set trials_over once every trial of the
+    invocation has ended, so Ctrl-C or SIGTERM while summarizing leaves a FINISHED study, not a KILLED one."""
+
+    trials_over: bool = False
 
 
 def make_tracker(settings: Settings) -> "MlflowTracker | NullTracker":
@@ -41,8 +50,8 @@ class NullTracker:
         pass
 
     @contextmanager
-    def study_run(self, study, storage, distributions: dict, app: str) -> Iterator[None]:
-        yield
+    def study_run(self, study, storage, distributions: dict, app: str) -> Iterator[StudyRunEnd]:
+        yield StudyRunEnd()
 
     def join_study_run(self, study) -> None:
         pass
@@ -77,21 +86,22 @@ class MlflowTracker:
         environ.setdefault("MLFLOW_RUN_ID", "")
 
     @contextmanager
-    def study_run(self, study, storage, distributions: dict, app: str) -> Iterator[None]:
+    def study_run(self, study, storage, distributions: dict, app: str) -> Iterator[StudyRunEnd]:
         """The study's run (reused on resume), ended with one status rule: FINISHED when the invocation ends
-        normally, KILLED on Ctrl-C or SIGTERM, FAILED on anything else, whatever fails while summarizing."""
+        normally, KILLED on Ctrl-C or SIGTERM while trials run (FINISHED once they are over), FAILED on anything
+        else, whatever fails while summarizing."""
         with claim_lock(storage, study.study_name):  # workers starting together make one parent
             self.parent_id = study.user_attrs.get(PARENT_RUN_ATTR)
             if self.parent_id is not None:
                 tracking.RunRecorder.resume(self.client, self.parent_id)
             else:
                 self.parent_id = self._new_parent_run(study, distributions, app)
-        status = "FAILED"
+        status, end = "FAILED", StudyRunEnd()
         try:
-            yield
+            yield end
             status = "FINISHED"
         except KeyboardInterrupt:
-            status = "KILLED"
+            status = "FINISHED" if end.trials_over else "KILLED"
             raise
         finally:
             tracking.retry_locked(self.client.set_terminated, self.parent_id, status=status)

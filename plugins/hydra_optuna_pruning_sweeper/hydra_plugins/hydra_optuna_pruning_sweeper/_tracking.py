@@ -88,14 +88,15 @@ def experiment_id(client, name: str) -> str:
 
 LOCK_WAIT_S = 60.0  # seconds a write waits in all for another process's lock on a SQLite store (as Optuna's does)
 _LOCKED = "database is locked"
+_FULL = "database or disk is full"  # what SQLite says when a write finds no space
 T = TypeVar("T")
 
 
 class _DropLockedErrors(logging.Filter):
-    """MLflow logs a traceback for every failed attempt; the ones retried here are not news."""
+    """MLflow logs a traceback for every failed attempt; the ones retried or reported here are not news."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and _LOCKED in str(record.exc_info[1]))
+        return not (record.exc_info and any(known in str(record.exc_info[1]) for known in (_LOCKED, _FULL)))
 
 
 def retry_locked(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -111,6 +112,10 @@ def retry_locked(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
             try:
                 return call(*args, **kwargs)
             except Exception as e:
+                if _FULL in str(e):  # SQLite's word for a full disk (or quota) under the store
+                    raise UserError(f"the MLflow tracking store (mlflow.tracking_uri) has no space left: {_FULL}; "
+                                    "free space on its disk, or point mlflow.tracking_uri at another one, and run "
+                                    "again") from None
                 if _LOCKED not in str(e):
                     raise
                 if time.monotonic() + delay > deadline:

@@ -27,12 +27,14 @@ from ._outcome import outcome
 from ._recovery import Recovery
 from ._redact import mask_secrets
 from ._settings import UNLIMITED, Settings
-from ._space import quote
+from ._space import quote, quote_value
 from ._summary import budget_text, trial_end_line, trial_params_text
 from ._trial import TrialRef
 
 log = logging.getLogger("optuna_pruning")
 MIN_TRIALS_FOR_RATE = 4  # with no n_trials, max_failure_rate is judged once this many trials have run
+NO_HEARTBEAT_HINT = ("; without hydra.sweeper.heartbeat_interval a trial whose process died on another machine is "
+                     "never failed: set it (e.g. 10 seconds) to have such trials failed and run again")
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ class TrialLoop:
                 continue  # a dead worker's trial, re-queued since this claim counted the budget: claim it
             if running != waiting_for:
                 log.info(f"{'time' if out_of_time else 'budget'} spent; waiting for {running} running trial(s) "
-                         f"of other workers to end" + (" at their next epoch" if out_of_time else ""))
+                         f"of other workers to end" + (" at their next epoch" if out_of_time else "")
+                         + ("" if self.settings.heartbeat_interval else NO_HEARTBEAT_HINT))
             waiting_for = running
             time.sleep(self.pace.poll_s)
 
@@ -116,9 +119,21 @@ class TrialLoop:
         except KeyboardInterrupt as e:
             self.recovery.interrupted(batch, e)
             raise
+        except Exception as e:  # the launcher's, not a job's (Hydra returns those): e.g. an override it can't apply
+            self._fail_unlaunched(batch, e)
         self.job_idx += len(returns)
         for trial, ret in zip(batch, returns):
             self._tell(trial, ret)
+
+    def _fail_unlaunched(self, batch: list[optuna.Trial], error: Exception) -> None:
+        """The launcher failed before the jobs could return: each trial FAIL with the reason and its run FAILED, so
+        none is left RUNNING; the sweep stops with one line, since the next trials would fail the same way."""
+        reason = f"its job could not be launched: {mask_secrets(one_line(error))}"
+        for trial in batch:
+            studies.tell(self.study, trial, optuna.trial.TrialState.FAIL, None, reason)
+            self.tracker.end_trial_run(trial.user_attrs.get(RUN_ID_ATTR), optuna.trial.TrialState.FAIL)
+        numbers = ", ".join(str(t.number) for t in batch)
+        raise UserError(f"trial {numbers} could not be launched: {mask_secrets(one_line(error))}") from None
 
     def _jobs(self, batch: list[optuna.Trial]) -> list[list[str]]:
         """Each trial's overrides, with its identity (and its MLflow run) for the job in env_set; a trial whose
@@ -129,10 +144,11 @@ class TrialLoop:
             for trial in batch:
                 studies.tell(self.study, trial, optuna.trial.TrialState.FAIL, None,
                              f"its job could not be prepared: {one_line(e)}")
+                self.tracker.end_trial_run(trial.user_attrs.get(RUN_ID_ATTR), optuna.trial.TrialState.FAIL)
             raise
 
     def _job(self, trial: optuna.Trial) -> list[str]:
-        overrides = [f"{k}={v}" for k, v in trial.params.items()] + self.fixed_args
+        overrides = [f"{k}={quote_value(v)}" for k, v in trial.params.items()] + self.fixed_args
         trial.set_user_attr(OVERRIDES_ATTR, [mask_secrets(o) for o in overrides])
         env = TrialRef("", self.study.study_name, trial.number).job_env()
         run_id = self.tracker.trial_run(self.study.study_name, trial.number)
