@@ -1,17 +1,16 @@
 """Upstream's behaviour where upstream is right: with `storage: null` every invocation sweeps a new study, even in a
 sweep folder used again (its SQLite file is there), and an empty range is named in its error."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 
 from hydra_plugins.hydra_optuna_pruning_sweeper._errors import ConfigError
 from hydra_plugins.hydra_optuna_pruning_sweeper._space import sweep_space
 from hydra_plugins.hydra_optuna_pruning_sweeper._study import make_storage, open_study
+
+from conftest import run_sweep, write_app
 
 APP = '''
 import hydra
@@ -30,18 +29,10 @@ if __name__ == "__main__":
 
 
 def make_app(folder: Path, **sweeper) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "app.py").write_text(APP)
-    (folder / "config.yaml").write_text(yaml.safe_dump({
-        "defaults": [{"override hydra/sweeper": "optuna_pruning"}, "_self_"], "x": 1,
-        "hydra": {"sweeper": {"sampler": {"seed": 1}, "n_trials": 2, "n_jobs": 1, **sweeper},
-                  "sweep": {"dir": str(folder / "multirun")}, "job": {"chdir": False}}}))
-    return folder
+    return write_app(folder, APP, {"x": 1}, {"sampler": {"seed": 1}, "n_trials": 2, "n_jobs": 1, **sweeper})
 
 
-def sweep(folder: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "app.py", "--multirun", *overrides], cwd=folder, capture_output=True,
-                          text=True, timeout=300)
+sweep = run_sweep
 
 
 def studies_in(folder: Path) -> dict[str, int]:

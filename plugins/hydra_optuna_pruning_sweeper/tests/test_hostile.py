@@ -12,7 +12,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
@@ -23,6 +22,8 @@ from hydra_plugins.hydra_optuna_pruning_sweeper._recovery import Recovery
 from hydra_plugins.hydra_optuna_pruning_sweeper._space import MAX_GRID_POINTS, check_grid_size, quote_value
 from hydra_plugins.hydra_optuna_pruning_sweeper._study import make_storage, pid_namespace
 from hydra_plugins.hydra_optuna_pruning_sweeper._tracker import NullTracker
+
+from conftest import run_sweep, write_app
 
 # -- the pieces ----------------------------------------------------------------------------------------------------
 
@@ -106,20 +107,13 @@ if __name__ == "__main__":
 
 
 def make_app(folder: Path, **sweeper) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "app.py").write_text(APP)
-    (folder / "config.yaml").write_text(yaml.safe_dump({
-        "defaults": [{"override hydra/sweeper": "optuna_pruning"}, "_self_"],
-        "x": 0.0, "steps": 3, "sleep": 0.0,
-        "hydra": {"sweeper": {"storage": f"sqlite:///{folder / 'o.db'}", "study_name": "s", "n_jobs": 1,
-                              "n_trials": 2, "total_budget": True, "params": {"x": "interval(0, 1)"}, **sweeper},
-                  "sweep": {"dir": str(folder / "multirun")}, "job": {"chdir": False}}}))
-    return folder
+    return write_app(folder, APP, {"x": 0.0, "steps": 3, "sleep": 0.0}, {
+        "storage": f"sqlite:///{folder / 'o.db'}", "study_name": "s", "n_jobs": 1, "n_trials": 2,
+        "total_budget": True, "params": {"x": "interval(0, 1)"}, **sweeper})
 
 
 def sweep(folder: Path, *overrides: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "app.py", "--multirun", *overrides], cwd=folder, capture_output=True,
-                          text=True, timeout=timeout)
+    return run_sweep(folder, *overrides, timeout=timeout)
 
 
 def start(folder: Path, *overrides: str) -> subprocess.Popen:

@@ -6,8 +6,6 @@ sphere, multi-objective and custom-search-space apps): the grammar, the samplers
 the failure rate. Then what this plugin adds: pruning from inside the job with every launcher, resume to a total
 budget, and MLflow runs a plain `mlflow.start_run()` logs into."""
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +14,8 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 from hydra_plugins.hydra_optuna_pruning_sweeper import time_spent
+
+from conftest import run_sweep, write_app
 
 pytestmark = pytest.mark.slow
 
@@ -57,21 +57,14 @@ if __name__ == "__main__":
 
 
 def make_app(folder: Path, sweeper: str = "optuna_pruning", **settings) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "app.py").write_text(APP)
-    (folder / "config.yaml").write_text(yaml.safe_dump({
-        "defaults": [{"override hydra/sweeper": sweeper}, "_self_"],
-        "x": 1, "y": 1, "fail_at": None, "objectives": 1, "steps": 3, "log_mlflow": False,
-        "hydra": {"sweeper": {"sampler": {"seed": 123}, "direction": "minimize", "study_name": "s",
-                              "storage": f"sqlite:///{folder / 'optuna.db'}", "n_trials": 8, "n_jobs": 1,
-                              "params": {"x": "range(-5.5, 5.5, step=0.5)", "y": "choice(-5, 0, 5)"}, **settings},
-                  "sweep": {"dir": str(folder / "multirun")}, "job": {"chdir": False}}}))
-    return folder
+    values = {"x": 1, "y": 1, "fail_at": None, "objectives": 1, "steps": 3, "log_mlflow": False}
+    return write_app(folder, APP, values, {
+        "sampler": {"seed": 123}, "direction": "minimize", "study_name": "s",
+        "storage": f"sqlite:///{folder / 'optuna.db'}", "n_trials": 8, "n_jobs": 1,
+        "params": {"x": "range(-5.5, 5.5, step=0.5)", "y": "choice(-5, 0, 5)"}, **settings}, sweeper)
 
 
-def sweep(folder: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "app.py", "--multirun", *overrides], cwd=folder, capture_output=True,
-                          text=True, timeout=timeout)
+sweep = run_sweep
 
 
 def trials(folder: Path, name: str = "s") -> list[optuna.trial.FrozenTrial]:

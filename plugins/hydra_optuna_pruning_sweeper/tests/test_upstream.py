@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -16,6 +15,8 @@ import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
+
+from conftest import run_sweep, write_app
 
 pytestmark = pytest.mark.slow
 
@@ -47,20 +48,12 @@ if __name__ == "__main__":
 
 def make_app(folder: Path, p: dict | None = None, **sweeper) -> Path:
     """The app with `sweeper` as hydra.sweeper settings; `p` the keys of its node p (the grammar's targets)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "app.py").write_text(APP)
-    (folder / "config.yaml").write_text(yaml.safe_dump({
-        "defaults": [{"override hydra/sweeper": "optuna_pruning"}, "_self_"],
-        "x": 1, "fail_on": [], "objectives": 1, "returns": "float", "p": p or {},
-        "hydra": {"sweeper": {"storage": f"sqlite:///{folder / 'study.db'}", "study_name": "s", "n_jobs": 1,
-                              **sweeper},
-                  "sweep": {"dir": str(folder / "multirun")}, "job": {"chdir": False}}}))
-    return folder
+    values = {"x": 1, "fail_on": [], "objectives": 1, "returns": "float", "p": p or {}}
+    return write_app(folder, APP, values, {"storage": f"sqlite:///{folder / 'study.db'}", "study_name": "s",
+                                           "n_jobs": 1, **sweeper})
 
 
-def sweep(folder: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "app.py", "--multirun", *overrides], cwd=folder, capture_output=True,
-                          text=True, timeout=300)
+sweep = run_sweep
 
 
 def study(folder: Path) -> optuna.Study:
