@@ -44,13 +44,14 @@ def test_the_advice_for_a_written_out_password_fits_the_url(url, advice, not_sai
 
 
 def test_a_password_resolved_at_run_time_is_never_written_or_printed(tmp_path, mnist_root):
-    """Any URL in the config is masked the same way; a second database URL stands in for one the sweep opens
-    (tests/test_secrets.py::test_a_postgres_password_from_the_environment_stays_out_of_every_record opens one)."""
+    """Any URL in the config is masked the same way: storage.url, which the sweep does not open here (its storage
+    is set apart), stands in for one it opens (test_a_postgres_password_from_the_environment_stays_out_of_every_record
+    opens one)."""
     result = run_cli(["--multirun", *cli_args(tmp_path, mnist_root, "trainer.epochs=1"), "~hparams_search",
                       "model.dropout=interval(0.1,0.6)", "hydra.sweeper.n_trials=2", "hydra.sweeper.study_name=s",
                       f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
                       f"hydra.sweeper.best_config_dir={tmp_path / 'configs'}",
-                      "+notes.replica='postgresql://bob:${oc.env:MNIST_TEST_SECRET}@replica/mnist'"],
+                      "storage.url='postgresql://bob:${oc.env:MNIST_TEST_SECRET}@replica/mnist'"],
                      cwd=tmp_path, env={"MNIST_TEST_SECRET": SECRET})
     assert result.returncode == 0, result.stderr[-3000:]
     assert SECRET not in result.stdout + result.stderr
@@ -59,8 +60,8 @@ def test_a_password_resolved_at_run_time_is_never_written_or_printed(tmp_path, m
     from conftest import mlflow_runs
 
     _, runs = mlflow_runs(tmp_path)
-    trials = [r for r in runs if "notes.replica" in r.data.params]
-    assert len(trials) == 2 and trials[0].data.params["notes.replica"] == "postgresql://bob:***@replica/mnist"
+    trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(trials) == 2 and trials[0].data.params["storage.url"] == "postgresql://bob:***@replica/mnist"
 
 
 @pytest.mark.skipif(not PG, reason="no PostgreSQL: set MNIST_SWEEP_TEST_PG (.ci/run starts one)")
