@@ -32,5 +32,5 @@ def test_quick_worker_curve_runs_two_local_workers(tmp_path, mnist_root):
     assert [p["workers"] for p in points] == [2]
     for p in points:
         assert p["exit_code"] == 0 and p["trials"]["complete"] >= 1 and 0 < p["final_best"] <= 1
-        assert p["wall_seconds"] < 45 + 60  # its own timeout ended it, not the backstop
+        assert p["wall_seconds"] < 60 + 60  # its own timeout ended it, not the backstop
     assert "| workers | trials / min |" in proc.stdout and (out / "workercurve.png").stat().st_size > 5_000
