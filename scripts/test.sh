@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The tests, in two environments, side by side (2 processes each; run scripts/setup.sh first):
+# The tests, in two environments (2 processes each; run scripts/setup.sh first):
 #  1. the sweeper plugin's own tests in .venv-plugin, which holds the plugin installed as its wheel (not editable:
 #     what is tested is what the wheel ships), its [test,mlflow] extras and nothing of this app: no torch, no
 #     mnist_sweep, so a dependency the plugin does not declare fails here;
@@ -27,19 +27,10 @@ if leaked or "site-packages" not in plugin:
     sys.exit(f".venv-plugin must hold the installed plugin and neither torch nor mnist_sweep: has {leaked}, "
              f"plugin from {plugin}")'
 set +e
-# The two suites run side by side: their tests wait on subprocesses, sleeps and databases much of the time, which
-# the other suite's tests fill (on 2 cores: 16.2 min one after the other, see the closing note of issue 22). The
-# plugin's output is shown once it ends, after the app's.
-plugin_log=$(mktemp)
-../../../.venv-plugin/bin/python -P -m pytest -q -p no:cacheprovider -n 2 --dist loadfile "$@" . >"$plugin_log" 2>&1 &
-plugin_pid=$!
+../../../.venv-plugin/bin/python -P -m pytest -q -p no:cacheprovider -n 2 --dist loadfile "$@" .
+plugin_status=$?
 cd ../../..
 .venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"
 app_status=$?
-wait "$plugin_pid"
-plugin_status=$?
-echo "== the sweeper plugin's tests (plugins/hydra_optuna_pruning_sweeper/tests, in .venv-plugin) =="
-cat "$plugin_log"
-rm -f "$plugin_log"
 [ "$plugin_status" = 0 ] || { echo "the plugin's tests failed (exit $plugin_status)" >&2; exit "$plugin_status"; }
 exit "$app_status"
