@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parent.parent
 REAL_MNIST = Path(os.environ.get("MNIST_ROOT") or REPO.parent / "shared" / "data").absolute()
@@ -145,10 +146,23 @@ def mlflow_runs(tmp_path: Path, experiment: str = "mnist_sweep"):
 
 
 @pytest.fixture(scope="session")
-def recorded_study(tmp_path_factory) -> Path:
+def recorded_study(tmp_path_factory, worker_id) -> Path:
     """One tiny finished sweep shared by the report, registry, predict and browser tests: 3 trials of 2 epochs,
-    study 'tiny' in <dir>/optuna.db, MLflow records in <dir>/mlflow.db, synthetic data in <dir>/data."""
-    folder = tmp_path_factory.mktemp("recorded")
+    study 'tiny' in <dir>/optuna.db, MLflow records in <dir>/mlflow.db, synthetic data in <dir>/data.
+
+    Made once per pytest session: under xdist, the first worker to need it makes it in the folder the workers of
+    this session share, and the others wait for it (a sweep costs 20-30 s of CPU)."""
+    if worker_id == "master":
+        return _record_study(tmp_path_factory.mktemp("recorded"))
+    folder = tmp_path_factory.getbasetemp().parent / "recorded"  # this session's, shared by its workers
+    with FileLock(f"{folder}.lock"):
+        if not (folder / "recorded.ok").exists():
+            _record_study(folder)
+            (folder / "recorded.ok").touch()
+    return folder
+
+
+def _record_study(folder: Path) -> Path:
     root = make_synthetic_mnist(folder / "data")
     migrated_mlflow_store(folder)
     args = [a for a in cli_args(folder, root) if not a.startswith("mlflow.registered_model=")]
@@ -158,7 +172,9 @@ def recorded_study(tmp_path_factory) -> Path:
                       "hydra.sweeper.sampler.seed=0", f"hydra.sweeper.storage=sqlite:///{folder / 'optuna.db'}",
                       "hydra.sweeper.study_name=tiny", f"hydra.sweeper.best_config_dir={folder / 'configs'}"],
                      cwd=folder)
-    assert result.returncode == 0, result.stderr[-3000:]
+    if result.returncode != 0:
+        shutil.rmtree(folder, ignore_errors=True)  # no half-made study for the next worker
+        pytest.fail(result.stderr[-3000:])
     return folder
 
 

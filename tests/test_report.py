@@ -58,6 +58,13 @@ def test_importances_of_enough_trials_carry_no_caveat():
     assert fig.texts == []
 
 
+def test_the_sweeps_summary_draws_importances_only_from_enough_trials():
+    few, enough = small_study(results.FEW_TRIALS - 1, name="few"), small_study(results.FEW_TRIALS, name="enough")
+    assert "param_importances.png" not in results.history_figures(few, importances_from=results.FEW_TRIALS)
+    assert "param_importances.png" in results.history_figures(enough, importances_from=results.FEW_TRIALS)
+    assert "param_importances.png" in results.history_figures(few)  # the report draws them, with the caveat
+
+
 def test_the_confusion_matrix_has_no_grid_even_under_optunas_ggplot_style():
     import matplotlib.pyplot as plt
 

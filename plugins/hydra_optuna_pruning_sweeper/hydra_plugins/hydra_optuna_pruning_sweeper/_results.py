@@ -46,8 +46,10 @@ def experiment_yaml(choices: dict[str, str], values: dict[str, Any], comment: st
     return "\n".join(lines + ([text] if text else [])) + "\n"
 
 
-def history_figures(study: optuna.Study) -> dict[str, Any]:
-    """Optuna's own matplotlib plots, as {artifact name: figure}; plots that need more trials are skipped."""
+def history_figures(study: optuna.Study, importances_from: int = 2) -> dict[str, Any]:
+    """Optuna's own matplotlib plots, as {artifact name: figure}; plots that need more trials are skipped.
+    `importances_from`: the completed trials the parameter importances need (Optuna needs 2; fANOVA's import of
+    scikit-learn alone takes seconds, which the sweep's summary only spends where the figure means something)."""
     completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     if not completed:
         return {}
@@ -55,7 +57,7 @@ def history_figures(study: optuna.Study) -> dict[str, Any]:
 
     if len(study.directions) == 1:
         plots = {"optimization_history.png": ovm.plot_optimization_history}
-        if len(completed) >= 2:
+        if len(completed) >= max(2, importances_from):
             plots["param_importances.png"] = ovm.plot_param_importances
     elif len(study.directions) <= 3:  # Optuna draws Pareto fronts of 2 or 3 objectives
         plots = {"pareto_front.png": ovm.plot_pareto_front}

@@ -159,8 +159,9 @@ class MlflowTracker:
         parent = tracking.RunRecorder.attach(self.client, self.parent_id)
         parent.log_metrics({f"trials/{k.lower()}": v for k, v in counts.items()}, step=sum(counts.values()))
         metric = self.settings.metric
-        for file, fig in results.tidy_figures(results.history_figures(study), metric,
-                                              counts.get("COMPLETE", 0)).items():
+        # importances of fewer trials are noise: the parent run gets them from FEW_TRIALS completed trials on
+        figures = results.history_figures(study, importances_from=results.FEW_TRIALS)
+        for file, fig in results.tidy_figures(figures, metric, counts.get("COMPLETE", 0)).items():
             parent.log_figure(fig, file)
         parent.log_text(OmegaConf.to_yaml(OmegaConf.create(summary)), "optimization_results.yaml")
         if len(best) == 1 and len(study.directions) == 1:
