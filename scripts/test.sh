@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The tests, in two environments (2 processes each; run scripts/setup.sh first):
 #  1. the sweeper plugin's own tests in .venv-plugin, which holds the plugin installed as its wheel (not editable:
-#     what is tested is what the wheel ships), its [test,mlflow] extras and nothing of this app: no torch, no
+#     what is tested is what the wheel ships), its [test,mlflow,postgres] extras and nothing of this app: no torch, no
 #     mnist_sweep, so a dependency the plugin does not declare fails here;
 #  2. the app's tests in .venv.
 # Extra arguments go to both pytest runs (e.g. -m "not slow"). Exits non-zero if either run failed.
@@ -13,7 +13,7 @@ PYTHON="${PYTHON:-python3}"
 set -e
 [ -x .venv-plugin/bin/python ] || "$PYTHON" -m venv .venv-plugin
 rm -rf "$PLUGIN/build"  # setuptools builds in-tree: a module deleted from the source would linger in build/lib
-"${PIP[@]}" "$PLUGIN[test,mlflow]"
+"${PIP[@]}" "$PLUGIN[test,mlflow,postgres]"
 "${PIP[@]}" --no-deps --force-reinstall "$PLUGIN"  # this checkout's plugin, even at an unchanged version
 rm -rf "$PLUGIN/build"
 # From the tests folder with -P: neither the checkout's root (mnist_sweep) nor the plugin's source folder is on

@@ -7,6 +7,8 @@ sleeps so that each trial's own work takes `--trial-seconds`. Whatever a trial t
     python plugins/hydra_optuna_pruning_sweeper/benchmarks/scale.py --backend postgres [--workers 1 4 16 64]
     python plugins/hydra_optuna_pruning_sweeper/benchmarks/scale.py --backend sqlite [--workers 1 2 4 8 16]
     python plugins/hydra_optuna_pruning_sweeper/benchmarks/scale.py --quick   # CI: SQLite, N=1,2, 20 short trials
+    python plugins/hydra_optuna_pruning_sweeper/benchmarks/scale.py --backend postgres --workers 64 --faults
+        # 20 SIGKILLs (each worker replaced), 2 restarts of PostgreSQL and a 30 s outage during the run
         [--trials 1000] [--trial-seconds 2] [--steps 4] [--sampler tpe] [--heartbeat 10] [--out outputs/scale]
 
 Backends: `postgres` starts a throwaway PostgreSQL with the repository's `.ci/postgres.sh` (max_connections=300)
@@ -225,10 +227,30 @@ class Postgres:
         return self.dsn.replace("postgresql://", "postgresql+psycopg://", 1) + f"/{database}", database
 
     def connections(self, database: str | None) -> int | None:
+        import psycopg
+
         with self.lock:
-            row = self.conn.execute("select count(*) from pg_stat_activity where datname = %s",
-                                    (database,)).fetchone()
+            try:
+                row = self.conn.execute("select count(*) from pg_stat_activity where datname = %s",
+                                        (database,)).fetchone()
+            except psycopg.Error:  # a restart (--faults) ended this connection: the next poll makes another
+                self.conn = psycopg.connect(f"{self.dsn}/postgres", autocommit=True, connect_timeout=2)
+                return None
         return int(row[0])
+
+    def completed(self, database: str) -> int | None:
+        """COMPLETE trials in an N's database (Optuna's `trials` table); None while it does not answer."""
+        import psycopg
+
+        try:
+            with psycopg.connect(f"{self.dsn}/{database}", connect_timeout=2) as conn:
+                return int(conn.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0])
+        except psycopg.Error:
+            return None
+
+    def act(self, action: str) -> None:
+        """.ci/postgres.sh restart | down | up (--faults)."""
+        subprocess.run(["bash", str(POSTGRES_SH), action, str(self.folder)], check=True, capture_output=True)
 
     def stop(self) -> None:
         if not self.started:
@@ -274,6 +296,55 @@ class Poller(threading.Thread):
             if count is not None:
                 self.peak_connections = max(self.peak_connections or 0, count)
             self.halt.wait(POLL_S)
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join()
+
+
+class Faults(threading.Thread):
+    """--faults, during one N's run on PostgreSQL: a random worker SIGKILLed every `kill_every` seconds (a new one
+    started in its place) until `kills`; PostgreSQL restarted (pg_ctl restart -m fast) at 25% and 55% of the budget
+    COMPLETE, and stopped for `outage` seconds at 75%. Records when each fault happened."""
+
+    def __init__(self, backend, database: str, budget: int, start_worker, kills: int, kill_every: float,
+                 outage: float) -> None:
+        super().__init__(name="scale-faults", daemon=True)
+        self.backend, self.database, self.budget, self.start_worker = backend, database, budget, start_worker
+        self.kills, self.kill_every, self.outage = kills, kill_every, outage
+        self.log: list[tuple[float, str]] = []
+        self.killed: list[int] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        import random
+
+        rng = random.Random(0)
+        db_faults = [(0.25, "restart"), (0.55, "restart"), (0.75, "outage")]
+        next_kill = time.monotonic() + self.kill_every
+        started = time.monotonic()
+        while not self.halt.wait(0.5):
+            done = self.backend.completed(self.database) or 0
+            if db_faults and done >= db_faults[0][0] * self.budget:
+                _, fault = db_faults.pop(0)
+                self.log.append((time.monotonic() - started, f"{fault} at {done} COMPLETE"))
+                if fault == "restart":
+                    self.backend.act("restart")
+                else:
+                    self.backend.act("down")
+                    self.halt.wait(self.outage)
+                    self.backend.act("up")
+            live = [p for p in LIVE if p.poll() is None]
+            if len(self.killed) < self.kills and time.monotonic() >= next_kill and live and done < self.budget:
+                victim = rng.choice(live)
+                try:
+                    os.killpg(victim.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                self.killed.append(victim.pid)
+                self.log.append((time.monotonic() - started, f"SIGKILL worker {victim.pid}"))
+                self.start_worker()
+                next_kill = time.monotonic() + self.kill_every
 
     def stop(self) -> None:
         self.halt.set()
@@ -329,25 +400,35 @@ def run_n(n: int, args, backend, app: Path, runs: Path, logs: Path) -> dict:
     started = time.time()
     cpu_before = cpu_times()
     children_before = children_cpu_s()
-    for i in range(n):
+
+    def start_worker() -> None:
+        i = len(LIVE)
         with open(folder / f"worker-{i}.log", "w") as log:  # the child keeps its own handle
             LIVE.append(subprocess.Popen(worker_command(app, url, args, n, i, runs), cwd=app.parent, env=env,
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    workers = list(LIVE)
-    poller = Poller([p.pid for p in workers], backend, database)
+
+    for _ in range(n):
+        start_worker()
+    poller = Poller([p.pid for p in LIVE], backend, database)  # the first N (not the replacements of --faults)
     poller.start()
+    faults = None
+    if args.faults:
+        faults = Faults(backend, database, args.trials, start_worker, args.kills, args.kill_every, args.outage)
+        faults.start()
     deadline = time.monotonic() + (args.timeout or default_timeout(n, args))
     timed_out = False
     try:
-        for p in workers:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+        while any(p.poll() is None for p in list(LIVE)):  # the replacements of --faults too
+            if time.monotonic() > deadline:
                 timed_out = True
                 break
+            time.sleep(0.2)
     finally:
+        if faults:
+            faults.stop()
         if timed_out:
             print(f"  N={n}: workers still running after the time limit: stopping them", flush=True)
+        workers = list(LIVE)
         kill_workers()  # nothing is left running, whatever happened
         poller.stop()
     wall = time.time() - started
@@ -355,12 +436,14 @@ def run_n(n: int, args, backend, app: Path, runs: Path, logs: Path) -> dict:
     busy = None
     if cpu_before and cpu_after and cpu_after[1] > cpu_before[1]:
         busy = (cpu_after[0] - cpu_before[0]) / (cpu_after[1] - cpu_before[1])
-    codes = [p.returncode for p in workers]
+    killed = set(faults.killed) if faults else set()
+    codes = [p.returncode for p in workers if p.pid not in killed]
     row = {"n": n, "storage": url.split("@")[-1] if "@" in url else url, "timed_out": timed_out,
            "run_s": round(wall, 1), "cpu_busy": busy, "exit_codes_nonzero": sorted(c for c in codes if c),
            "workers_cpu_s": children_cpu_s() - children_before,
            "peak_connections": poller.peak_connections,
-           "rss_mib": rss_figures(poller)}
+           "rss_mib": rss_figures(poller), "workers_started": len(workers),
+           "faults": [f"{t:.0f} s: {what}" for t, what in faults.log] if faults else []}
     try:
         study = optuna.load_study(study_name=STUDY, storage=url)
     except KeyError:  # no worker got as far as making the study: its logs say why
@@ -588,6 +671,12 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, help="seconds one N may run before its workers are stopped "
                         "(default: 300 + 3 x trials x max(trial-seconds / N, 0.5))")
     parser.add_argument("--quick", action="store_true", help="CI size: N=1,2 (postgres: 1,4), 20 trials of 0.2 s")
+    parser.add_argument("--faults", action="store_true", help="postgres: during each N, SIGKILL a random worker "
+                        "every --kill-every s (a new one in its place) --kills times, restart PostgreSQL at 25%% and "
+                        "55%% of the budget and stop it for --outage s at 75%%")
+    parser.add_argument("--kills", type=int, default=20, help="--faults: workers SIGKILLed per N")
+    parser.add_argument("--kill-every", type=float, default=5.0, help="--faults: seconds between two SIGKILLs")
+    parser.add_argument("--outage", type=float, default=30.0, help="--faults: seconds PostgreSQL stays stopped")
     parser.add_argument("--out", type=Path, default=Path("outputs/scale"))
     args = parser.parse_args()
     if args.quick:
@@ -597,6 +686,8 @@ def parse() -> argparse.Namespace:
         args.workers = args.workers or ([1, 4] if args.backend == "postgres" else [1, 2])
         args.trials, args.trial_seconds, args.steps = 20, 0.2, 2  # 4 s of work at N=1: start-up dominates
         args.heartbeat = args.heartbeat or 2  # seconds: a short wait at the end, and a grace (6 s) a busy CI keeps
+    if args.faults and args.backend != "postgres":
+        parser.error("--faults needs --backend postgres (it restarts the database)")
     args.heartbeat = args.heartbeat or 10  # seconds: what a user would set (the README's example)
     args.workers = args.workers or ([1, 4, 16, 64] if args.backend == "postgres" else [1, 2, 4, 8, 16])
     return args
@@ -631,6 +722,11 @@ def main() -> int:
             add_speedups(rows)
             print(f"  N={n}: {fmt(row['trials_per_s'])} trials/s, {row['checks']['complete']} COMPLETE in "
                   f"{fmt(row['window_s'], '.1f')} s (run {row['run_s']} s)", flush=True)
+            if row["faults"]:
+                c = row["checks"]
+                print(f"  N={n} faults: {'; '.join(row['faults'])}; {row['workers_started']} workers started; "
+                      f"after them: {c['complete']} COMPLETE of {c['budget']}, {c['duplicate_numbers']} duplicate "
+                      f"numbers, {c['running']} RUNNING, states {c['states']}", flush=True)
             base.with_suffix(".json").write_text(json.dumps(
                 {"setting": vars(args) | {"out": str(args.out)}, "machine": host, "rows": rows}, indent=1))
     finally:

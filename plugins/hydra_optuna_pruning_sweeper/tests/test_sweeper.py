@@ -169,8 +169,9 @@ def test_a_failing_sampler_leaves_no_trial_running(tmp_path):
     space = {"x": optuna.distributions.FloatDistribution(0, 1)}
     with pytest.raises(ConfigError, match="sampler could not propose a trial: ImportError"):
         claim_trials(study, storage, 3, 1, lambda s: None, lambda t: suggest(t, space))
-    (trial,) = study.trials
-    assert trial.state == TrialState.FAIL and "somepackage" in trial.user_attrs["fail_reason"]
+    (trial,) = study.trials  # withdrawn: it never ran, and leaves the budget
+    assert trial.state == TrialState.FAIL and "somepackage" in trial.user_attrs["withdrawn"]
+    assert budget_used(study) == 0
 
 
 def test_an_interrupted_trial_is_queued_again_once(tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from filelock import FileLock
 
@@ -33,15 +33,34 @@ def file_lock(database: Path) -> FileLock:
     return FileLock(f"{database}.lock")
 
 
+def always_held() -> bool:
+    """A file lock's check: the OS holds it as long as this process lives."""
+    return True
+
+
 @contextmanager
-def advisory_lock(engine: "sqlalchemy.Engine", name: str) -> Iterator[None]:
-    """A PostgreSQL session-level advisory lock keyed by `name`, on a connection of its own."""
+def advisory_lock(engine: "sqlalchemy.Engine", name: str) -> Iterator[Callable[[], bool]]:
+    """A PostgreSQL session-level advisory lock keyed by `name`, on a connection of its own. Yields a check of
+    whether the lock is still held: a database restart ends the session, and the lock with it, while its holder
+    works on other connections."""
     import sqlalchemy
 
     key = int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big", signed=True)
     with engine.connect() as conn:
         conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+
+        def still_held() -> bool:
+            try:
+                return bool(conn.execute(sqlalchemy.text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() "
+                    "AND granted")).scalar())
+            except sqlalchemy.exc.SQLAlchemyError:
+                return False
+
         try:
-            yield
+            yield still_held
         finally:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+            try:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+            except sqlalchemy.exc.SQLAlchemyError:
+                pass  # its session is gone, and the lock with it

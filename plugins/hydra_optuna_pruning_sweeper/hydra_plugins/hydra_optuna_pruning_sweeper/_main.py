@@ -16,6 +16,7 @@ from . import _study as studies, _worker_pool as worker_pool
 from ._clock import SweepClock, time_spent
 from ._errors import MAX_LINE, ConfigError, one_line
 from ._launchers import check_cluster, quiet_launcher_logs, share_cores
+from ._outage import Outage, patience
 from ._recovery import Recovery
 from ._redact import mask_secrets
 from ._settings import UNLIMITED, Settings
@@ -46,31 +47,37 @@ class MainProcess:
         url = s.storage or f"sqlite:///{self.sweep_dir.absolute() / STORAGE_FILE}"
         storage = studies.make_storage(url, s.heartbeat_interval, s.grace_period)
         tracker = make_tracker(s)  # checks that a tracking server answers, before any run or trial is made
-        study, grid_size = self._open(storage, name, space[0])
-        recovery = Recovery(study, storage, tracker)
-        recovery.fail_stale()  # their retries count as room in the budget below
-        n_trials = self._budget(study, grid_size)
+        # the storage answered: from here on an outage of it is waited for (_outage.py)
+        patient = patience(s.storage_wait, url).call
+        study, grid_size = patient(lambda: self._open(storage, name, space[0]))
+        recovery = Recovery(study, storage, tracker, patience(s.storage_wait, url), s.grace_period or 0)
+        patient(recovery.fail_stale)  # their retries count as room in the budget below
+        n_trials = patient(lambda: self._budget(study, grid_size))
         spent = time_spent(study.user_attrs) if s.total_budget else 0.0
         clock = SweepClock.start(s.timeout, spent)
-        if s.total_budget and budget_spent(study, s, n_trials, spent, self.sweep_dir):
+        if s.total_budget and patient(lambda: budget_spent(study, s, n_trials, spent, self.sweep_dir)):
             return
         # the jobs' way to the study: inherited, never saved (see _names.py)
-        os.environ.update(TrialRef(url, study.study_name, -1, s.pruner, clock.deadline).sweep_env())
+        ref = TrialRef(url, study.study_name, -1, s.pruner, clock.deadline, s.storage_wait)
+        os.environ.update(ref.sweep_env())
         tracker.export_to_jobs(os.environ)
         share_cores(self.launcher, s.n_jobs)
         with tracker.study_run(study, storage, space[0], self.config.hydra.job.name) as run_end:
             time_left = "" if s.timeout is None else \
                 f", {max(0.0, s.timeout - spent):.0f}/{s.timeout:g} s of hydra.sweeper.timeout left"
-            log.info(f"study {study.study_name!r} in {mask_secrets(url)}: {studies.budget_used(study)}/"
+            used = patient(lambda: studies.budget_used(study))
+            log.info(f"study {study.study_name!r} in {mask_secrets(url)}: {used}/"
                      f"{budget_text(n_trials)} trials used{time_left}; sampler {type(study.sampler).__name__}, "
                      f"pruner {s.pruner_name}, directions {s.directions}")
             recovery.close_orphan_runs()
             try:
-                self._run_trials(study, storage, space, tracker, recovery, clock, n_trials)
+                self._run_trials(study, storage, space, tracker, recovery, clock, n_trials,
+                                 patience(s.storage_wait, url))
                 self.trials_over = run_end.trials_over = True
             finally:
-                clock.record(study)
-                summarize(study, s, self.sweep_dir, set(self.config.hydra.runtime.choices.keys()), tracker)
+                patient(lambda: clock.record(study))
+                choices = set(self.config.hydra.runtime.choices.keys())
+                patient(lambda: summarize(study, s, self.sweep_dir, choices, tracker))
                 recovery.close_orphan_runs()  # a dead worker's trial, failed while we ran
 
     def _check_space(self, distributions: dict, fixed: list[str]) -> None:
@@ -121,7 +128,7 @@ class MainProcess:
         return min(n_trials, grid_size) if grid_size else n_trials
 
     def _run_trials(self, study, storage, space, tracker, recovery: Recovery, clock: SweepClock,
-                    n_trials: int) -> None:
+                    n_trials: int, outage: Outage) -> None:
         s = self.settings
         n_workers = min(s.n_jobs, max(1, n_trials - studies.budget_used(study)))
         if worker_pool.wanted(s.local_workers, self.launcher, n_workers):
@@ -132,4 +139,4 @@ class MainProcess:
         pace = Pace(batch=s.n_jobs, poll_s=max(1, s.heartbeat_interval or 1), keeps_time=True,
                     job_number_is_trial=False)
         TrialLoop(study, storage, s, space, self.config, self.launcher, tracker, recovery, clock, n_trials,
-                  pace).run()
+                  pace, outage).run()

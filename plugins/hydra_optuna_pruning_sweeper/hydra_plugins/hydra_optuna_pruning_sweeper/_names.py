@@ -12,6 +12,9 @@ WORKER_ATTR = "worker"  # trial user attr: host:pid of the sweeper process that 
 # trial user attr: that process's host and PID namespace ("host pid:[4026531836]"), where its pid names it: a process
 # that shares it sees at once that the claimer is gone (with or without heartbeats)
 WORKER_PIDS_ATTR = "worker_pid_namespace"
+# trial user attr: why a claim was withdrawn before its trial ran (cut off by a dead process or a lost database
+# connection): such a trial is FAIL and out of the budget
+WITHDRAWN_ATTR = "withdrawn"
 # study user attrs, one per invocation (sweeper process) that ran trials: [start, last seen] in Unix seconds; their
 # union is the time the study has spent, which a resumed hydra.sweeper.timeout goes on from
 TIME_SPENT_ATTR_PREFIX = "sweep_time:"
@@ -25,6 +28,7 @@ STUDY_ENV = "OPTUNA_SWEEP_STUDY"  # study name
 TRIAL_ENV = "OPTUNA_SWEEP_TRIAL"  # trial number within the study
 PRUNER_ENV = "OPTUNA_SWEEP_PRUNER"  # the pruner as JSON: {"_target_": "optuna.pruners.MedianPruner", ...}
 DEADLINE_ENV = "OPTUNA_SWEEP_DEADLINE"  # hydra.sweeper.timeout as a Unix time: a job's report past it stops the job
+STORAGE_WAIT_ENV = "OPTUNA_SWEEP_STORAGE_WAIT"  # hydra.sweeper.storage_wait: a job's reports ride out an outage too
 # set in the environment of the sweep's local worker processes only (hydra.sweeper.local_workers): JSON of
 # _local_workers.LocalWorker, {"study": name, "n_trials": budget of this invocation, "report_fd": pipe}
 LOCAL_WORKER_ENV = "OPTUNA_SWEEP_LOCAL_WORKER"

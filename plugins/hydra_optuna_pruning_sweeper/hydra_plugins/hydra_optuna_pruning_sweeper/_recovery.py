@@ -6,7 +6,8 @@ budget, see _study.counted_trials). How a trial gets here:
 - its job was stopped from outside: scancel, a time limit, a lost node (`stopped`, from a JobInterrupted outcome);
 - its local worker process was killed (`dead_worker`): the main process knows at once, no grace period;
 - its process stopped beating, in any worker on any machine (`fail_stale`, under the claim lock: Optuna's retry
-  callback, set on the storage by _study.make_storage, queues the retry);
+  callback, set on the storage by _study.make_storage, queues the retry); not within grace_period of an outage
+  of the storage, when no process could beat;
 - its process is gone from this machine, heartbeats or not (`fail_stale` too): SIGKILL, the OOM killer, or a
   SIGTERM to an app that kept SIGTERM's default where the sweep could not set its own.
 
@@ -25,6 +26,7 @@ from optuna.trial import TrialState
 
 from ._errors import Terminated
 from ._names import RUN_ID_ATTR, WORKER_ATTR, WORKER_PIDS_ATTR
+from ._outage import Outage
 from ._optuna_adapter import fail_stale_trials, is_retry, queue_retry, retried_trial_number
 from ._study import claim_lock, fail_by_number, pid_namespace, process_gone, tell
 
@@ -34,10 +36,15 @@ log = logging.getLogger("optuna_pruning")
 class Recovery:
     """Recovery of one study's stopped trials; `tracker` (_tracker.py) ends their MLflow runs."""
 
-    def __init__(self, study: optuna.Study, storage: RDBStorage, tracker) -> None:
+    def __init__(self, study: optuna.Study, storage: RDBStorage, tracker, outage: Outage | None = None,
+                 grace_s: float = 0.0) -> None:
+        """`outage`: this process's patience with the storage (_outage.py); for `grace_s` seconds after one, no
+        heartbeat is taken as stale (nobody could beat meanwhile)."""
         self.study = study
         self.storage = storage
         self.tracker = tracker
+        self.outage = outage
+        self.grace_s = grace_s
 
     def interrupted(self, trials: list[optuna.Trial], error: KeyboardInterrupt) -> None:
         """Ctrl-C or SIGTERM reached this process while these trials ran."""
@@ -48,9 +55,9 @@ class Recovery:
     def stopped(self, trial: optuna.Trial, reason: str) -> None:
         """A trial stopped from outside: its run is KILLED whatever the job made of the interruption (an app
         stopped by an exception at its time limit ends its run FAILED)."""
+        retry_once(self.study, trial.number)  # first: no worker ever sees it FAIL without its retry
         tell(self.study, trial, TrialState.FAIL, None, reason)
         self.tracker.end_trial_run(trial.user_attrs.get(RUN_ID_ATTR), TrialState.FAIL, run_status="KILLED")
-        retry_once(self.study, trial.number)
 
     def dead_worker(self, worker: str, reason: str) -> list[int]:
         """FAIL the trials a dead worker (host:pid) left RUNNING, and queue their parameters again once: its
@@ -60,8 +67,8 @@ class Recovery:
         with claim_lock(self.storage, self.study.study_name):
             for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 if t.user_attrs.get(WORKER_ATTR) == worker:
-                    fail_by_number(self.study, self.storage, t.number, reason)
                     retry_once(self.study, t.number)
+                    fail_by_number(self.study, self.storage, t.number, reason)
                     dead.append(t)
         for t in dead:  # after the lock: MLflow may be slow, and no one else ends these runs
             self.tracker.end_trial_run(t.user_attrs.get(RUN_ID_ATTR), TrialState.FAIL, run_status="KILLED")
@@ -71,13 +78,16 @@ class Recovery:
         """FAIL (and re-queue once) the trials whose process stopped beating (with heartbeats on), and those whose
         process on this machine is gone. Called under the claim lock (their retries free room in the budget), and
         when a study is opened."""
-        fail_stale_trials(self.study)
+        if not (self.outage and self.outage.recent(self.grace_s)):
+            fail_stale_trials(self.study)
         here = pid_namespace()
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             worker = t.user_attrs.get(WORKER_ATTR, "")
+            if not worker:  # a claim being made (or cut off: the next claim withdraws it)
+                continue
             if here and t.user_attrs.get(WORKER_PIDS_ATTR) == here and process_gone(int(worker.rsplit(":", 1)[1])):
-                fail_by_number(self.study, self.storage, t.number, f"its sweeper process {worker} is gone")
                 retry_once(self.study, t.number)
+                fail_by_number(self.study, self.storage, t.number, f"its sweeper process {worker} is gone")
 
     def close_orphan_runs(self) -> None:
         """Runs left RUNNING whose trial is no longer running (see the module's docstring)."""
@@ -85,7 +95,9 @@ class Recovery:
 
 
 def retry_once(study: optuna.Study, number: int) -> None:
-    """Queue a stopped trial's parameters again, once: the same rule as Optuna's for a trial whose process died."""
+    """Queue a stopped trial's parameters again, once: the same rule as Optuna's for a trial whose process died.
+    Called before the trial is told FAIL: a worker that counts the study's failures meanwhile (they are counted
+    without the claim lock) never sees it failed without its retry."""
     trials = study.get_trials(deepcopy=False)
     frozen = next(t for t in trials if t.number == number)
     if is_retry(frozen):

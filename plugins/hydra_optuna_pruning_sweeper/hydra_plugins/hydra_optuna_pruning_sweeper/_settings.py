@@ -40,6 +40,7 @@ class Settings:
     max_failure_rate: float
     heartbeat_interval: int | None
     grace_period: int | None
+    storage_wait: float  # seconds (see config.py); 0: no waiting
     params: Mapping[str, Any] | None
     custom_search_space: str | None
     total_budget: bool
@@ -104,9 +105,9 @@ def check_settings(*, sampler: Any = None, pruner: Any = None, direction: Any = 
                    study_name: str | None = None, n_trials: Any = 20, timeout: Any = None, n_jobs: Any = 2,
                    max_failure_rate: Any = 0.0, params: Any = None, custom_search_space: str | None = None,
                    total_budget: bool = False, space_name: str | None = None, heartbeat_interval: Any = None,
-                   grace_period: Any = None, metric_names: Any = None, mlflow: Any = None,
-                   local_workers: bool = False, best_config_dir: str | None = None, best_config_exclude: Any = (),
-                   on_best: Any = None) -> Settings:
+                   grace_period: Any = None, storage_wait: Any = 120, metric_names: Any = None,
+                   mlflow: Any = None, local_workers: bool = False, best_config_dir: str | None = None,
+                   best_config_exclude: Any = (), on_best: Any = None) -> Settings:
     """The sweeper's settings as Hydra gives them (config.OptunaPruningSweeperConf), checked: each bad one is one
     line naming it, its value and what is allowed. Called when the sweep starts, where such a line is printed;
     raised while Hydra builds the sweeper it would be Hydra's traceback."""
@@ -117,6 +118,10 @@ def check_settings(*, sampler: Any = None, pruner: Any = None, direction: Any = 
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
         raise ConfigError(f"hydra.sweeper.max_failure_rate={rate!r} must be a number in [0, 1] (the share of "
                           "the study's trials that may fail before the sweep stops)")
+    if isinstance(storage_wait, bool) or not isinstance(storage_wait, (int, float)) or \
+            not 0 <= storage_wait < math.inf:
+        raise ConfigError(f"hydra.sweeper.storage_wait={storage_wait!r} must be a number of seconds >= 0 (how "
+                          "long a running sweep waits for a storage that stopped answering; 0: stop at once)")
     if heartbeat_interval and not grace_period:
         grace_period = 3 * heartbeat_interval
     if study_name is not None:
@@ -128,10 +133,11 @@ def check_settings(*, sampler: Any = None, pruner: Any = None, direction: Any = 
         sampler=_plain(sampler) or {}, pruner=pruner_spec, directions=_checked_directions(direction),
         storage=storage, study_name=study_name, n_trials=n_trials, timeout=timeout, n_jobs=n_jobs,
         max_failure_rate=float(rate), heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-        params=_plain(params), custom_search_space=custom_search_space, total_budget=bool(total_budget),
-        space_name=space_name, metric_names=list(metric_names) if metric_names else None,
-        tracking_uri=tracking_uri, experiment=experiment, local_workers=bool(local_workers),
-        best_config_dir=best_config_dir, best_config_exclude=tuple(best_config_exclude or ()), on_best=on_best)
+        storage_wait=float(storage_wait), params=_plain(params), custom_search_space=custom_search_space,
+        total_budget=bool(total_budget), space_name=space_name,
+        metric_names=list(metric_names) if metric_names else None, tracking_uri=tracking_uri, experiment=experiment,
+        local_workers=bool(local_workers), best_config_dir=best_config_dir,
+        best_config_exclude=tuple(best_config_exclude or ()), on_best=on_best)
 
 
 def _plain(value: Any) -> Any:

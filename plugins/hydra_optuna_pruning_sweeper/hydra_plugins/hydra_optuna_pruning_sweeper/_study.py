@@ -33,12 +33,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import _locks as locks
 from ._errors import ConfigError, one_line
-from ._names import END_REASON_ATTR, FAIL_REASON_ATTR, WORKER_ATTR, WORKER_PIDS_ATTR
+from ._names import END_REASON_ATTR, FAIL_REASON_ATTR, WITHDRAWN_ATTR, WORKER_ATTR, WORKER_PIDS_ATTR
 from ._optuna_adapter import engine, heartbeat_interval, record_heartbeat, retried_trial_number, set_trial_user_attr, \
     stale_trial_retry, trial_id
+from ._outage import LockLost, is_restart, is_transient
 from ._redact import mask_secrets
 STUDY_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # a file name on every OS, no path parts
 CONNECT_TIMEOUT_S = 5  # a worker whose database does not answer in this many seconds stops with a clear error
+RESTART_WAIT_S = 60  # seconds a worker that starts while its database restarts waits for it
 
 
 
@@ -72,8 +74,9 @@ def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     """One RDBStorage per URL per process (engine creation is the slow part). With heartbeats (seconds), a
     trial whose process died is failed and retried once instead of staying RUNNING forever.
 
-    Opening it connects and creates the tables, so a database that is down fails here, before any training,
-    within CONNECT_TIMEOUT_S."""
+    Opening it connects and creates the tables, so a database that is down (or a wrong URL) fails here, before
+    any training, within CONNECT_TIMEOUT_S. One that is restarting (it says so, or ends the connection) is waited
+    for up to RESTART_WAIT_S: a worker that starts while the others ride out a restart joins them."""
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 60}}  # seconds to wait for another writer's lock
@@ -83,7 +86,9 @@ def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     try:
         if database is not None:
             database.parent.mkdir(parents=True, exist_ok=True)
-        for attempt in range(3):
+        restart_ends = time.monotonic() + RESTART_WAIT_S
+        attempt = 0
+        while True:
             try:  # a new database gets its tables here: one SQLite writer at a time, PostgreSQL workers retry
                 with locks.file_lock(database) if database else nullcontext():
                     beats = {} if not heartbeat_interval else dict(
@@ -91,12 +96,17 @@ def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
                         heartbeat_stale_trial_callback=stale_trial_retry())
                     return RDBStorage(url, engine_kwargs=engine_kwargs, **beats)
             except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-                if attempt == 2:
+                attempt += 1
+                if attempt == 3:
                     raise
                 time.sleep(1)  # another worker is creating the same tables
+            except Exception as e:
+                if not is_restart(e) or time.monotonic() > restart_ends:
+                    raise
+                time.sleep(1)
     except Exception as e:
         raise ConfigError(f"Optuna storage {mask_secrets(url)!r} (hydra.sweeper.storage) could not be opened: "
-                          f"{one_line(e)}") from None
+                          f"{one_line(e)}") from e  # the cause tells a job whether to wait (_trial.TrialReport)
 
 
 def open_study(storage: RDBStorage, name: str | None, directions: list[str],
@@ -144,10 +154,11 @@ def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
 
 
 def counted_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The study's trials less those failed stale and re-queued: their retry stands in for them."""
+    """The study's trials less those failed stale and re-queued (their retry stands in for them) and the claims
+    withdrawn before they ran."""
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
-    return [t for t in trials if t.number not in retried]
+    return [t for t in trials if t.number not in retried and WITHDRAWN_ATTR not in t.user_attrs]
 
 
 def budget_used(study: optuna.Study) -> int:
@@ -165,20 +176,24 @@ def running_count(study: optuna.Study) -> int:
     return sum(1 for t in counted_trials(study) if t.state == TrialState.RUNNING)
 
 
-def claim_lock(storage: RDBStorage, study_name: str) -> ContextManager[None]:
-    """A lock around 'count the budget, then claim trials', shared by every worker of a study.
+@contextmanager
+def claim_lock(storage: RDBStorage, study_name: str) -> Iterator[Callable[[], bool]]:
+    """A lock around 'count the budget, then claim trials', shared by every worker of a study; yields a check of
+    whether it is still held (_locks.advisory_lock).
 
     PostgreSQL: an advisory lock; SQLite: a file lock beside the database. Both are released when their holder
     dies, so a SIGKILLed worker cannot block the others. Other databases get no lock (and a warning): there workers
     can overshoot n_trials by a trial or two."""
     url = engine(storage).url
+    database = locks.sqlite_file(url.render_as_string()) if url.get_backend_name() == "sqlite" else None
     if url.get_backend_name() == "postgresql":
-        return locks.advisory_lock(engine(storage), f"optuna sweep claim {study_name}")
-    if url.get_backend_name() == "sqlite":
-        database = locks.sqlite_file(url.render_as_string())
-        return locks.file_lock(database) if database else nullcontext()
-    warnings.warn(f"{url.get_backend_name()} storage: no claim lock, workers may overshoot n_trials")
-    return nullcontext()
+        with locks.advisory_lock(engine(storage), f"optuna sweep claim {study_name}") as still_held:
+            yield still_held
+        return
+    if url.get_backend_name() not in ("postgresql", "sqlite"):
+        warnings.warn(f"{url.get_backend_name()} storage: no claim lock, workers may overshoot n_trials")
+    with locks.file_lock(database) if database else nullcontext():
+        yield locks.always_held
 
 
 def claim_trials(study: optuna.Study, storage: RDBStorage, n_trials: int, most: int,
@@ -186,38 +201,68 @@ def claim_trials(study: optuna.Study, storage: RDBStorage, n_trials: int, most: 
                  suggest: Callable[[optuna.Trial], None]) -> list[optuna.Trial]:
     """Up to `most` trials of what is left of the study's budget, for this worker.
 
-    Under the claim lock, and nothing else under it: `before_count` (the caller fails dead trials there, which
-    re-queues them and frees their place in the budget), the budget is counted, and each claimed trial gets its
-    first heartbeat and its params (`suggest`) before the next worker may count. A re-queued trial is claimed
-    before a new one is created. When the sampler or `suggest` fails, the trials this call created are told FAIL
-    with the reason: none is left RUNNING."""
-    with claim_lock(storage, study.study_name):
+    Under the claim lock, and nothing else under it: claims that were cut off are withdrawn, `before_count` (the
+    caller fails dead trials there, which re-queues them and frees their place in the budget), the budget is
+    counted, and each claimed trial gets its params (`suggest`), its first heartbeat and, last, this worker's
+    name, before the next worker may count. A re-queued trial is claimed before a new one is created.
+
+    A RUNNING trial without a worker's name, seen under the lock, is a claim cut off (its process died, or lost
+    the database, in the middle of it): it never ran, and it is withdrawn (FAIL, WITHDRAWN_ATTR, out of the
+    budget). When this call fails, or finds that the database ended its lock meanwhile (a restart: another worker
+    may have counted the same room), its own trials are withdrawn the same way and the error raised (_outage.py
+    decides whether to claim again)."""
+    with claim_lock(storage, study.study_name) as still_held:
+        withdraw_cut_off_claims(study, storage)
         before_count(study)
         room = n_trials - budget_used(study)
         if room <= 0:
             return []
         worker, pids = f"{socket.gethostname()}:{os.getpid()}", pid_namespace()
-        known = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         batch = []
         try:
             for _ in range(min(most, room)):
                 trial = study.ask()
                 batch.append(trial)
+                suggest(trial)
                 if heartbeat_interval(storage):
                     record_heartbeat(storage, trial_id(storage, study.study_name, trial.number))
-                trial.set_user_attr(WORKER_ATTR, worker)
                 if pids:
                     trial.set_user_attr(WORKER_PIDS_ATTR, pids)
-                suggest(trial)
+                trial.set_user_attr(WORKER_ATTR, worker)  # the claim is made
+            if not still_held():
+                raise LockLost(f"the claim lock of study {study.study_name!r} ended while it was held")
         except BaseException as e:
-            reason = f"the sampler could not propose a trial: {one_line(e)}"
-            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                if t.number not in known:  # created by this call (ask may fail after creating its trial)
-                    fail_by_number(study, storage, t.number, reason)
-            if isinstance(e, Exception) and not isinstance(e, ConfigError):
+            # the database, not the sampler: it went away, or restarted and ended the lock (another worker, with
+            # the lock, may then have withdrawn this claim's trial under it: "Trial#N has already finished")
+            lost = isinstance(e, Exception) and (is_transient(e) or not still_held())
+            reason = f"{'its claim was cut off' if lost else 'the sampler could not propose a trial'}: {one_line(e)}"
+            try:  # this call's trials, and one that ask() made before it failed (it has no worker's name yet)
+                for trial in batch:
+                    withdraw(study, storage, trial.number, reason)
+                withdraw_cut_off_claims(study, storage)
+            except Exception:  # the database is gone: the next claim withdraws them (WITHDRAWN_ATTR or no name)
+                pass
+            if lost and not is_transient(e):
+                raise LockLost(reason) from e
+            if isinstance(e, Exception) and not isinstance(e, ConfigError) and not lost:
                 raise ConfigError(f"hydra.sweeper.sampler: {reason}") from None
             raise
         return batch
+
+
+def withdraw_cut_off_claims(study: optuna.Study, storage: RDBStorage) -> None:
+    """Under the claim lock: withdraw the RUNNING trials that carry no worker's name (claims cut off) and those
+    whose withdrawal was cut off."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if WORKER_ATTR not in t.user_attrs or WITHDRAWN_ATTR in t.user_attrs:
+            withdraw(study, storage, t.number, t.user_attrs.get(WITHDRAWN_ATTR)
+                     or "its claim was cut off before it ran (its process died or lost the database)")
+
+
+def withdraw(study: optuna.Study, storage: RDBStorage, number: int, reason: str) -> None:
+    """A claimed trial that never ran leaves the study's budget: FAIL, with why in WITHDRAWN_ATTR."""
+    set_trial_user_attr(storage, study.study_name, number, WITHDRAWN_ATTR, mask_secrets(reason)[:2000])
+    study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
 
 
 def pid_namespace() -> str | None:
@@ -283,9 +328,10 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
 
 
 @contextmanager
-def heartbeat(storage: RDBStorage, trial_ids: Sequence[int]) -> Iterator[None]:
+def heartbeat(storage: RDBStorage, trial_ids: Sequence[int],
+              on_error: Callable[[Exception], None] = lambda e: None) -> Iterator[None]:
     """Record the trials' heartbeats while their jobs run (ask/tell gives no heartbeat by itself); nothing when
-    the storage has heartbeats off."""
+    the storage has heartbeats off. A beat that fails is told to `on_error` and tried again at the next one."""
     interval = heartbeat_interval(storage)
     if not interval:
         yield
@@ -297,8 +343,8 @@ def heartbeat(storage: RDBStorage, trial_ids: Sequence[int]) -> Iterator[None]:
             for beating in trial_ids:
                 try:
                     record_heartbeat(storage, beating)
-                except Exception:  # a finished trial, a hiccup of the database: the next beat retries
-                    pass
+                except Exception as e:  # a finished trial, a hiccup of the database: the next beat retries
+                    on_error(e)
             if stop.wait(interval):
                 return
 

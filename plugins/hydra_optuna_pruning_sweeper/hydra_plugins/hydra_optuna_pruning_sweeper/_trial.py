@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from ._clock import deadline_from_env, past
 from ._errors import ConfigError
-from ._names import DEADLINE_ENV, PRUNER_ENV, STORAGE_ENV, STUDY_ENV, TRIAL_ENV
+from ._names import DEADLINE_ENV, PRUNER_ENV, STORAGE_ENV, STORAGE_WAIT_ENV, STUDY_ENV, TRIAL_ENV
 
 if TYPE_CHECKING:
     import optuna
@@ -37,6 +37,7 @@ class TrialRef:
     number: int
     pruner: str = "{}"  # JSON of the pruner's _target_ and arguments; {} never prunes
     deadline: float | None = None  # Unix time at which the sweep's time budget ends; None: no timeout
+    storage_wait: float = 0.0  # seconds a report waits for a storage that stopped answering (_outage.py)
 
     def job_env(self) -> dict[str, str]:
         """The per-trial part, set in the job's environment by the launcher (no secret in it)."""
@@ -45,7 +46,8 @@ class TrialRef:
     def sweep_env(self) -> dict[str, str]:
         """The part shared by every trial of the sweep, set in the sweeper's own environment (the storage URL)."""
         return {STORAGE_ENV: self.storage, PRUNER_ENV: self.pruner,
-                DEADLINE_ENV: "" if self.deadline is None else repr(self.deadline)}
+                DEADLINE_ENV: "" if self.deadline is None else repr(self.deadline),
+                STORAGE_WAIT_ENV: repr(self.storage_wait)}
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "TrialRef | None":
@@ -53,7 +55,14 @@ class TrialRef:
         if not env.get(TRIAL_ENV) or not env.get(STORAGE_ENV):
             return None
         return cls(env[STORAGE_ENV], env[STUDY_ENV], int(env[TRIAL_ENV]), env.get(PRUNER_ENV) or "{}",
-                   deadline_from_env(env))
+                   deadline_from_env(env), _seconds(env.get(STORAGE_WAIT_ENV)))
+
+
+def _seconds(text: str | None) -> float:
+    try:
+        return max(0.0, float(text or 0))
+    except ValueError:
+        return 0.0
 
 
 def build_pruner(spec: str) -> "optuna.pruners.BasePruner":
@@ -81,12 +90,24 @@ class TrialReport:
         import optuna
 
         from . import _optuna_adapter
+        from ._outage import is_transient, patience
         from ._study import make_storage, quiet_optuna
 
         quiet_optuna()
-        storage = make_storage(ref.storage)  # reports only: the sweeper keeps the heartbeat
-        study = optuna.load_study(study_name=ref.study, storage=storage, pruner=build_pruner(ref.pruner))
-        self.trial = _optuna_adapter.running_trial(study, storage, ref.number)
+        self.patient = patience(ref.storage_wait, ref.storage).call  # reports ride out an outage too
+
+        def open_storage():  # mid-sweep: a storage that is down now is waited for, as the sweeper's steps are
+            try:
+                return make_storage(ref.storage)  # reports only: the sweeper keeps the heartbeat
+            except ConfigError as e:
+                if e.__cause__ is not None and is_transient(e.__cause__):
+                    raise e.__cause__ from None
+                raise
+
+        storage = self.patient(open_storage)
+        study = self.patient(lambda: optuna.load_study(study_name=ref.study, storage=storage,
+                                                       pruner=build_pruner(ref.pruner)))
+        self.trial = self.patient(lambda: _optuna_adapter.running_trial(study, storage, ref.number))
         self.number = ref.number
         self.study = ref.study
         self.deadline = ref.deadline
@@ -99,10 +120,10 @@ class TrialReport:
         import optuna
 
         if self.multi_objective:
-            self.trial.set_user_attr(f"step_{step}", value)
+            self.patient(lambda: self.trial.set_user_attr(f"step_{step}", value))
         else:
-            self.trial.report(value, step=step)
-            if not last and self.trial.should_prune():
+            self.patient(lambda: self.trial.report(value, step=step))
+            if not last and self.patient(self.trial.should_prune):
                 raise optuna.TrialPruned(f"pruned at step {step}: value {value:.4g}")
         if not last and past(self.deadline):
             raise optuna.TrialPruned(f"stopped at step {step} (value {value:.4g}): the sweep's time budget "

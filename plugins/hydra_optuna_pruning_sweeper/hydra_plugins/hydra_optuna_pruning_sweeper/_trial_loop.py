@@ -4,7 +4,7 @@ local worker (one trial at a time). A trial's life reads top to bottom:
     claim (ask and suggest: all that holds the claim lock) -> its overrides and MLflow run -> launch -> tell
 
 until the budget is spent and no trial runs, here or in another worker (a dead worker's trial goes stale, is
-re-queued and claimed here).
+re-queued and claimed here). Each step that talks to the storage rides out an outage of it (_outage.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from ._clock import SweepClock
 from ._errors import UserError, one_line
 from ._names import FAIL_REASON_ATTR, OVERRIDES_ATTR, RUN_ID_ATTR
 from ._optuna_adapter import trial_id
+from ._outage import Outage, is_transient
 from ._outcome import outcome
 from ._recovery import Recovery
 from ._redact import mask_secrets
@@ -50,11 +51,13 @@ class Pace:
 class TrialLoop:
     def __init__(self, study: optuna.Study, storage, settings: Settings, space: tuple[dict, list[str]],
                  config: DictConfig, launcher: Any, tracker, recovery: Recovery, clock: SweepClock, n_trials: int,
-                 pace: Pace) -> None:
+                 pace: Pace, outage: Outage) -> None:
         self.study, self.storage, self.settings, self.config = study, storage, settings, config
         self.distributions, self.fixed_args = space
         self.launcher, self.tracker, self.recovery, self.clock = launcher, tracker, recovery, clock
         self.n_trials, self.pace = n_trials, pace
+        self.patient = outage.call  # a storage step, retried through an outage of the storage
+        self.outage = outage
         self.job_idx = 0
         self.seen = len(study.get_trials(deepcopy=False))  # the trials the sampler's seed was offset by
 
@@ -65,15 +68,15 @@ class TrialLoop:
             if out_of_time and not waiting_for and self.pace.keeps_time:
                 log.info(f"time budget spent (hydra.sweeper.timeout={self.settings.timeout:g} s): no new trial "
                          "starts")
-            batch = [] if out_of_time else self._claim()
+            batch = [] if out_of_time else self.patient(self._claim)
             if self.pace.keeps_time:
-                self.clock.record(self.study)
+                self.patient(lambda: self.clock.record(self.study))
             if batch:
                 self._run_batch(batch)
                 self._check_failure_rate()
                 continue
-            if not (running := studies.running_count(self.study)):
-                if out_of_time or studies.budget_used(self.study) >= self.n_trials:
+            if not (running := self.patient(lambda: studies.running_count(self.study))):
+                if out_of_time or self.patient(lambda: studies.budget_used(self.study)) >= self.n_trials:
                     return
                 continue  # a dead worker's trial, re-queued since this claim counted the budget: claim it
             if running != waiting_for:
@@ -82,6 +85,13 @@ class TrialLoop:
                          + ("" if self.settings.heartbeat_interval else NO_HEARTBEAT_HINT))
             waiting_for = running
             time.sleep(self.pace.poll_s)
+
+    def _failures(self) -> tuple[int, int]:
+        """(failed trials, the trials their share is of): without n_trials (timeout alone), the trials so far once
+        there are a few."""
+        n = self.n_trials
+        of = n if n < UNLIMITED else max(MIN_TRIALS_FOR_RATE, studies.budget_used(self.study))
+        return studies.failed_count(self.study), of
 
     # -- claim: under the lock ---------------------------------------------------------------------------------
 
@@ -110,9 +120,10 @@ class TrialLoop:
     def _run_batch(self, batch: list[optuna.Trial]) -> None:
         for trial in batch:
             log.info(f"trial {trial.number} started: {trial_params_text(trial.params)}")
-        ids = [trial_id(self.storage, self.study.study_name, t.number) for t in batch]
+        ids = self.patient(lambda: [trial_id(self.storage, self.study.study_name, t.number) for t in batch])
         try:
-            with studies.heartbeat(self.storage, ids):  # from before the MLflow run: making it may take a while
+            # beating from before the MLflow run: making it may take a while
+            with studies.heartbeat(self.storage, ids, on_error=self._beat_failed):
                 jobs = self._jobs(batch)
                 first = batch[0].number if self.pace.job_number_is_trial else self.job_idx
                 returns = self.launcher.launch(jobs, initial_job_idx=first)
@@ -124,6 +135,10 @@ class TrialLoop:
         self.job_idx += len(returns)
         for trial, ret in zip(batch, returns):
             self._tell(trial, ret)
+
+    def _beat_failed(self, error: Exception) -> None:
+        if is_transient(error):
+            self.outage.saw_outage()
 
     def _fail_unlaunched(self, batch: list[optuna.Trial], error: Exception) -> None:
         """The launcher failed before the jobs could return: each trial FAIL with the reason and its run FAILED, so
@@ -149,32 +164,35 @@ class TrialLoop:
 
     def _job(self, trial: optuna.Trial) -> list[str]:
         overrides = [f"{k}={quote_value(v)}" for k, v in trial.params.items()] + self.fixed_args
-        trial.set_user_attr(OVERRIDES_ATTR, [mask_secrets(o) for o in overrides])
+        self.patient(lambda: trial.set_user_attr(OVERRIDES_ATTR, [mask_secrets(o) for o in overrides]))
         env = TrialRef("", self.study.study_name, trial.number).job_env()
         run_id = self.tracker.trial_run(self.study.study_name, trial.number)
         if run_id:
             env |= {"MLFLOW_RUN_ID": run_id}
-            trial.set_user_attr(RUN_ID_ATTR, run_id)
+            self.patient(lambda: trial.set_user_attr(RUN_ID_ATTR, run_id))
         return overrides + [f"++hydra.job.env_set.{k}={quote(v)}" for k, v in env.items()]
 
     def _tell(self, trial: optuna.Trial, ret) -> None:
         """Tell the trial's end to the study and its MLflow run; a job that stopped the sweep stops it here."""
         end = outcome(ret, len(self.settings.directions), trial.number)
         if end.interrupted:  # stopped from outside (scancel, a time limit), as Ctrl-C is here
-            self.recovery.stopped(trial, end.reason)
+            self.patient(lambda: self.recovery.stopped(trial, end.reason))
         else:
-            studies.tell(self.study, trial, end.state, end.values, end.reason)
+            self.patient(lambda: studies.tell(self.study, trial, end.state, end.values, end.reason))
             self.tracker.end_trial_run(trial.user_attrs.get(RUN_ID_ATTR), end.state)
         if end.stop is not None:
             raise end.stop
-        log.info(trial_end_line(self.study, trial.number, self.n_trials, self.settings.metric_names)
-                 + ("; its parameters run again once" if end.interrupted else ""))
+        line = self.patient(lambda: trial_end_line(self.study, trial.number, self.n_trials,
+                                                   self.settings.metric_names))
+        log.info(line + ("; its parameters run again once" if end.interrupted else ""))
 
     def _check_failure_rate(self) -> None:
-        failed = studies.failed_count(self.study)
-        # without n_trials (timeout alone) the share is of the trials so far, once there are a few
-        n = self.n_trials
-        of = n if n < UNLIMITED else max(MIN_TRIALS_FOR_RATE, studies.budget_used(self.study))
+        failed, of = self.patient(self._failures)
+        if failed > self.settings.max_failure_rate * of:
+            # counted again under the claim lock: there a dead worker's trial is failed and queued again as one
+            # step (Optuna fails a stale trial first and queues its retry after)
+            with studies.claim_lock(self.storage, self.study.study_name):
+                failed, of = self.patient(self._failures)
         if failed > self.settings.max_failure_rate * of:
             raise UserError(f"{failed} trials of the study failed, more than hydra.sweeper.max_failure_rate="
                             f"{self.settings.max_failure_rate} of its {budget_text(of)} trials; see the trials' "

@@ -16,6 +16,7 @@ from ._clock import SweepClock, deadline_from_env
 from ._launchers import quiet_launcher_logs
 from ._local_workers import LocalWorker
 from ._names import STORAGE_ENV
+from ._outage import patience
 from ._recovery import Recovery
 from ._settings import Settings
 from ._tracker import make_tracker
@@ -32,14 +33,16 @@ class WorkerProcess:
     def run(self, arguments: list[str]) -> None:
         s = self.settings
         space = s.search_space(arguments, warn=False)  # the main process has said what it left out
-        storage = studies.make_storage(os.environ[STORAGE_ENV], s.heartbeat_interval, s.grace_period)
+        url = os.environ[STORAGE_ENV]
+        storage = studies.make_storage(url, s.heartbeat_interval, s.grace_period)
         tracker = make_tracker(s)
-        study, _ = s.open_study(storage, self.worker.study, space[0])
+        outage = patience(s.storage_wait, url)  # the storage answered: from here on an outage is waited for
+        study, _ = outage.call(lambda: s.open_study(storage, self.worker.study, space[0]))
         tracker.join_study_run(study)
-        recovery = Recovery(study, storage, tracker)
-        recovery.fail_stale()
+        recovery = Recovery(study, storage, tracker, outage, s.grace_period or 0)
+        outage.call(recovery.fail_stale)
         # the main process keeps the study's time; a worker only keeps to its deadline
         clock = SweepClock("", time.time(), deadline_from_env(os.environ))
         quiet_launcher_logs()
         TrialLoop(study, storage, s, space, self.config, self.launcher, tracker, recovery, clock,
-                  self.worker.n_trials, PACE).run()
+                  self.worker.n_trials, PACE, outage).run()

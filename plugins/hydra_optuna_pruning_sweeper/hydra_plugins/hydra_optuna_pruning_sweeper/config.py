@@ -43,6 +43,9 @@ class OptunaPruningSweeperConf:
     space_name: Optional[str] = None  # with study_name null: name the study <space_name>-<hash of the space>
     heartbeat_interval: Any = None  # seconds; fail (and re-run once) trials whose process died
     grace_period: Any = None  # seconds without a heartbeat before a trial counts as dead
+    # seconds a running sweep waits for its storage when the connection is lost (a database restart), retrying
+    # with backoff; then it stops, and the same command resumes. 0: stop at once. Opening it never waits
+    storage_wait: Any = 120
     metric_names: Optional[list[str]] = None  # names of the objectives (optuna-dashboard's axes, MLflow)
     mlflow: MLflowSettings = field(default_factory=MLflowSettings)
     # n_jobs > 1 with Hydra's basic launcher: n_jobs worker processes, each taking the next trial as its own ends

@@ -1,0 +1,146 @@
+"""Riding out a storage that is briefly gone: a PostgreSQL restart or failover, a network blip. A study that runs
+for a day should not lose its workers to a database that is back 20 seconds later.
+
+Once the study is open (a wrong URL still fails at once: _study.make_storage), each step of the trial loop that
+talks to the storage runs through `Outage.call`: when the connection is lost, the step is retried with backoff
+(0.5 s, doubling, at most 10 s apart) for up to `hydra.sweeper.storage_wait` seconds, with one warning line per
+outage. After that wait the error goes on to the sweeper, which stops with its one line ("finished trials are
+kept, run the same command again to resume").
+
+Each retried step is one the storage can take twice: a claim starts over (the trials of a claim that was cut
+off are withdrawn by the next one, _study.claim_trials), telling a trial's end skips a trial already told, and
+a report writes the same step's value again.
+
+Outages also age every heartbeat: nobody can beat while the database is gone. A worker that has just ridden one
+out gives the others `grace_period` seconds to beat again before it fails their trials as dead (`recent`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from typing import Callable, TypeVar
+
+from ._errors import one_line
+from ._redact import mask_secrets
+
+log = logging.getLogger("optuna_pruning")
+T = TypeVar("T")
+FIRST_DELAY_S = 0.5  # the first retry's wait; it doubles on each failure
+MAX_DELAY_S = 10.0  # the most seconds between two retries
+
+# SQLSTATEs of a lost or refused connection (class 08), an administrator's shutdown (57P01-57P03) and too many
+# connections (53300): the database is there again soon, or has room again soon. Anything else (a read-only
+# database, a missing table, a constraint) is not an outage and is raised at once.
+TRANSIENT_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
+TRANSIENT_TEXT = ("server closed the connection", "connection refused", "could not connect", "terminating connection",
+                  "the database system is starting up", "the database system is shutting down", "connection is closed",
+                  "consuming input failed", "too many clients", "connection timeout expired", "ssl connection has been "
+                  "closed", "connection already closed", "lost connection", "gone away")
+
+
+RESTART_TEXT = ("terminating connection due to administrator command", "the database system is shutting down",
+                "the database system is starting up", "the database system is in recovery mode")
+
+
+class LockLost(Exception):
+    """The claim lock's own connection died while it was held (the database restarted): another worker may have
+    claimed meanwhile, so this claim is withdrawn and made again."""
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether an error means the storage is unreachable for now (see TRANSIENT_SQLSTATES), not that it refused.
+    The whole chain counts: Optuna wraps the driver's error (StorageInternalError), and SQLAlchemy's "can't
+    reconnect until invalid transaction is rolled back" follows a connection that died mid-transaction."""
+    import sqlalchemy
+
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, (LockLost, sqlalchemy.exc.PendingRollbackError)):
+            return True
+        if isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated:
+            return True
+        if isinstance(error, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            state = getattr(getattr(error, "orig", None), "sqlstate", None) or ""
+            text = str(getattr(error, "orig", None) or error).lower()
+            if state.startswith(TRANSIENT_SQLSTATES) or any(t in text for t in TRANSIENT_TEXT):
+                return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
+def is_restart(error: BaseException) -> bool:
+    """Whether the database is restarting (an administrator's shutdown or start-up), not merely unreachable: a
+    refused connection may be a wrong URL, this never is."""
+    while error is not None:
+        state = getattr(getattr(error, "orig", None), "sqlstate", None) or getattr(error, "sqlstate", None) or ""
+        text = str(getattr(error, "orig", None) or error).lower()
+        if state.startswith(("57P01", "57P02", "57P03")) or any(t in text for t in RESTART_TEXT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@functools.lru_cache(maxsize=8)
+def patience(wait_s: float, url: str) -> "Outage":
+    """This process's Outage for a storage, shared by the trial loop and the jobs it runs in this process, so that
+    an outage is one warning line however many of them wait through it (one per URL, as _study.make_storage)."""
+    return Outage(wait_s, url)
+
+
+class Outage:
+    """One process's patience with its storage: `call` retries a step through an outage of up to `wait_s`."""
+
+    def __init__(self, wait_s: float, url: str, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.wait_s, self.url = wait_s, url
+        self.clock, self.sleep = clock, sleep
+        self.last_seen: float | None = None  # when the storage last failed to answer (clock time)
+        self.in_outage = False  # a step failed and none has had an answer since: this process has said so
+        self._lock = threading.Lock()  # the heartbeat thread reports outages too
+
+    def call(self, step: Callable[[], T]) -> T:
+        """`step()`, retried while the storage is unreachable, for up to wait_s seconds from its first failure."""
+        started = None
+        delay = FIRST_DELAY_S
+        while True:
+            try:
+                answer = step()
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                now = self.clock()
+                self.saw_outage(now)
+                if started is None:
+                    started = now
+                    self._warn_once(now, e)
+                left = started + self.wait_s - now
+                if left <= 0:
+                    raise
+                self.sleep(min(delay, left))
+                delay = min(2 * delay, MAX_DELAY_S)
+                continue
+            if self.in_outage:
+                with self._lock:
+                    self.in_outage = False  # it answers again: the next failure is another outage
+            return answer
+
+    def _warn_once(self, now: float, error: Exception) -> None:
+        """One line per outage (until a step gets an answer again), however many steps of this process wait."""
+        with self._lock:
+            if self.wait_s <= 0 or self.in_outage:
+                return
+            self.in_outage = True
+        log.warning(f"the Optuna storage {mask_secrets(self.url)} does not answer ({one_line(error)}); retrying for "
+                    f"up to {self.wait_s:g} s (hydra.sweeper.storage_wait)")
+
+    def saw_outage(self, now: float | None = None) -> None:
+        with self._lock:
+            self.last_seen = self.clock() if now is None else now
+
+    def recent(self, seconds: float) -> bool:
+        """Whether the storage failed to answer within the last `seconds`."""
+        with self._lock:
+            return self.last_seen is not None and self.clock() - self.last_seen < seconds
