@@ -85,8 +85,12 @@ def test_a_lost_connection_is_retried_with_backoff_and_one_warning_line(caplog):
         assert outage.call(lambda: "next") == "next"
         (line,) = [r.getMessage() for r in caplog.records]  # one line for the outage
         answers = iter([lost(), "back"])
-        assert outage.call(step) == "back"  # another outage: another line
-    assert clock.slept == [0.5, 1.0, 2.0, 0.5]
+        assert outage.call(step) == "back"  # it answered for less than SAME_OUTAGE_S: the same outage
+        assert len(caplog.records) == 1
+        clock.now += 30
+        answers = iter(["fine", lost(), "back"])
+        assert outage.call(step) == "fine" and outage.call(step) == "back"  # another outage: another line
+    assert clock.slept == [0.5, 1.0, 2.0, 0.5, 0.5]
     assert WAITING in line and "hydra.sweeper.storage_wait" in line and "secret" not in line
     assert len(caplog.records) == 2
     assert outage.recent(10)  # no heartbeat is judged stale right after an outage

@@ -185,14 +185,15 @@ def test_the_removed_motpe_sampler_is_a_clear_error(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("cmaes") is not None, reason="cmaes is installed here")
 def test_a_sampler_whose_package_is_missing_is_one_error_line(tmp_path):
     """hydra/sweeper/sampler=cmaes needs the cmaes package, which the plugin does not depend on: Optuna imports it
-    at the first proposal; the sweep stops with one line naming it, and leaves no trial RUNNING."""
+    at the first proposal; the sweep stops with one line naming it, and leaves no trial RUNNING (the one it could
+    not propose is withdrawn, with the reason: it never ran)."""
     app = make_app(tmp_path, n_trials=3)
     result = sweep(app, "x=interval(0,1)", "hydra/sweeper/sampler=cmaes")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert last_line(result).startswith("error: ") and "No module named 'cmaes'" in last_line(result)
     *first, last = study(app).trials  # the first is CMA-ES's independent start-up trial: no cmaes needed yet
     assert all(t.state == TrialState.COMPLETE for t in first)
-    assert last.state == TrialState.FAIL and "No module named 'cmaes'" in last.user_attrs["fail_reason"]
+    assert last.state == TrialState.FAIL and "No module named 'cmaes'" in last.user_attrs["withdrawn"]
 
 
 # -- objectives and results --------------------------------------------------------------------------------------

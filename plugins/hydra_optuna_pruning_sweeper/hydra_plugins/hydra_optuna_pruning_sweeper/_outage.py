@@ -30,6 +30,7 @@ log = logging.getLogger("optuna_pruning")
 T = TypeVar("T")
 FIRST_DELAY_S = 0.5  # the first retry's wait; it doubles on each failure
 MAX_DELAY_S = 10.0  # the most seconds between two retries
+SAME_OUTAGE_S = 10.0  # a storage that answers for less than this between failures (shutting down) is one outage
 
 # SQLSTATEs of a lost or refused connection (class 08), an administrator's shutdown (57P01-57P03) and too many
 # connections (53300): the database is there again soon, or has room again soon. Anything else (a read-only
@@ -98,7 +99,7 @@ class Outage:
         self.wait_s, self.url = wait_s, url
         self.clock, self.sleep = clock, sleep
         self.last_seen: float | None = None  # when the storage last failed to answer (clock time)
-        self.in_outage = False  # a step failed and none has had an answer since: this process has said so
+        self.in_outage = False  # a step failed, and no answer came SAME_OUTAGE_S after: this process has said so
         self._lock = threading.Lock()  # the heartbeat thread reports outages too
 
     def call(self, step: Callable[[], T]) -> T:
@@ -123,12 +124,12 @@ class Outage:
                 delay = min(2 * delay, MAX_DELAY_S)
                 continue
             if self.in_outage:
-                with self._lock:
-                    self.in_outage = False  # it answers again: the next failure is another outage
+                with self._lock:  # it answers again, for a while now: the next failure is another outage
+                    self.in_outage = self.last_seen is not None and self.clock() - self.last_seen < SAME_OUTAGE_S
             return answer
 
     def _warn_once(self, now: float, error: Exception) -> None:
-        """One line per outage (until a step gets an answer again), however many steps of this process wait."""
+        """One line per outage, however many steps of this process wait through it (see SAME_OUTAGE_S)."""
         with self._lock:
             if self.wait_s <= 0 or self.in_outage:
                 return
