@@ -261,7 +261,10 @@ def withdraw_cut_off_claims(study: optuna.Study, storage: RDBStorage) -> None:
 
 def withdraw(study: optuna.Study, storage: RDBStorage, number: int, reason: str) -> None:
     """A claimed trial that never ran leaves the study's budget: FAIL, with why in WITHDRAWN_ATTR."""
-    set_trial_user_attr(storage, study.study_name, number, WITHDRAWN_ATTR, mask_secrets(reason)[:2000])
+    try:
+        set_trial_user_attr(storage, study.study_name, number, WITHDRAWN_ATTR, mask_secrets(reason)[:2000])
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return  # withdrawn meanwhile (by its own claimer, when a restart had ended the lock) or told: nothing to do
     study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
 
 
