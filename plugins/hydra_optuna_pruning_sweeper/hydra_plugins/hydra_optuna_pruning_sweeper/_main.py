@@ -48,9 +48,10 @@ class MainProcess:
         storage = studies.make_storage(url, s.heartbeat_interval, s.grace_period)
         tracker = make_tracker(s)  # checks that a tracking server answers, before any run or trial is made
         # the storage answered: from here on an outage of it is waited for (_outage.py)
-        patient = patience(s.storage_wait, url).call
+        outage = patience(s.storage_wait, url)
+        patient = outage.call
         study, grid_size = patient(lambda: self._open(storage, name, space[0]))
-        recovery = Recovery(study, storage, tracker, patience(s.storage_wait, url), s.grace_period or 0)
+        recovery = Recovery(study, storage, tracker, outage, s.grace_period or 0)
         patient(recovery.fail_stale)  # their retries count as room in the budget below
         n_trials = patient(lambda: self._budget(study, grid_size))
         spent = time_spent(study.user_attrs) if s.total_budget else 0.0
@@ -71,8 +72,7 @@ class MainProcess:
                      f"pruner {s.pruner_name}, directions {s.directions}")
             recovery.close_orphan_runs()
             try:
-                self._run_trials(study, storage, space, tracker, recovery, clock, n_trials,
-                                 patience(s.storage_wait, url))
+                self._run_trials(study, storage, space, tracker, recovery, clock, n_trials, outage)
                 self.trials_over = run_end.trials_over = True
             finally:
                 patient(lambda: clock.record(study))

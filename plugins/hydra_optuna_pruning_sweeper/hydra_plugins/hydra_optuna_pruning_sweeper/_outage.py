@@ -21,7 +21,7 @@ import functools
 import logging
 import threading
 import time
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 from ._errors import one_line
 from ._redact import mask_secrets
@@ -35,12 +35,12 @@ SAME_OUTAGE_S = 10.0  # a storage that answers for less than this between failur
 # SQLSTATEs of a lost or refused connection (class 08), an administrator's shutdown (57P01-57P03) and too many
 # connections (53300): the database is there again soon, or has room again soon. Anything else (a read-only
 # database, a missing table, a constraint) is not an outage and is raised at once.
-TRANSIENT_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
+RESTART_SQLSTATES = ("57P01", "57P02", "57P03")  # an administrator's shutdown, a crash, cannot connect now
+TRANSIENT_SQLSTATES = ("08", *RESTART_SQLSTATES, "53300")
 TRANSIENT_TEXT = ("server closed the connection", "connection refused", "could not connect", "terminating connection",
                   "the database system is starting up", "the database system is shutting down", "connection is closed",
                   "consuming input failed", "too many clients", "connection timeout expired", "ssl connection has been "
                   "closed", "connection already closed", "lost connection", "gone away")
-
 
 RESTART_TEXT = ("terminating connection due to administrator command", "the database system is shutting down",
                 "the database system is starting up", "the database system is in recovery mode")
@@ -57,31 +57,37 @@ def is_transient(error: BaseException) -> bool:
     reconnect until invalid transaction is rolled back" follows a connection that died mid-transaction."""
     import sqlalchemy
 
-    seen = 0
-    while error is not None and seen < 8:
-        if isinstance(error, (LockLost, sqlalchemy.exc.PendingRollbackError)):
+    for e in _chain(error):
+        if isinstance(e, (LockLost, sqlalchemy.exc.PendingRollbackError)):
             return True
-        if isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated:
+        if isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated:
             return True
-        if isinstance(error, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
-            state = getattr(getattr(error, "orig", None), "sqlstate", None) or ""
-            text = str(getattr(error, "orig", None) or error).lower()
-            if state.startswith(TRANSIENT_SQLSTATES) or any(t in text for t in TRANSIENT_TEXT):
-                return True
-        error, seen = error.__cause__ or error.__context__, seen + 1
+        if isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) and \
+                _says(e, TRANSIENT_SQLSTATES, TRANSIENT_TEXT):
+            return True
     return False
 
 
 def is_restart(error: BaseException) -> bool:
     """Whether the database is restarting (an administrator's shutdown or start-up), not merely unreachable: a
     refused connection may be a wrong URL, this never is."""
-    while error is not None:
-        state = getattr(getattr(error, "orig", None), "sqlstate", None) or getattr(error, "sqlstate", None) or ""
-        text = str(getattr(error, "orig", None) or error).lower()
-        if state.startswith(("57P01", "57P02", "57P03")) or any(t in text for t in RESTART_TEXT):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return any(_says(e, RESTART_SQLSTATES, RESTART_TEXT) for e in _chain(error))
+
+
+def _chain(error: BaseException | None, most: int = 8) -> Iterator[BaseException]:
+    """The error and what it was raised from or while handling (Optuna and SQLAlchemy wrap the driver's)."""
+    while error is not None and most > 0:
+        yield error
+        error, most = error.__cause__ or error.__context__, most - 1
+
+
+def _says(error: BaseException, states: tuple[str, ...], texts: tuple[str, ...]) -> bool:
+    """Whether the database's error (the driver's, which SQLAlchemy keeps in .orig) has one of these SQLSTATE
+    prefixes or message parts."""
+    orig = getattr(error, "orig", None)
+    state = getattr(orig, "sqlstate", None) or getattr(error, "sqlstate", None) or ""
+    text = str(orig or error).lower()
+    return state.startswith(states) or any(t in text for t in texts)
 
 
 @functools.lru_cache(maxsize=8)

@@ -24,7 +24,7 @@ import time
 import warnings
 from pathlib import Path
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, ContextManager, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import optuna
 import sqlalchemy
