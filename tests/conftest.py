@@ -184,31 +184,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextmanager
-def mlflow_server(backend_uri: str, *extra: str, cwd: Path | None = None):
-    """`mlflow server --workers 1` on a free loopback port, as the README tells users to run it; yields its URL
-    once /health answers, and stops the server and its workers (their own process group) afterwards."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, *extra,
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=cwd,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
+class MlflowServer:
+    """`mlflow server --workers 1` on a free loopback port, as the README tells users to run it; `restart` stops it
+    and starts it again on the same port (a tracking server's restart, as the workers see it)."""
+
+    def __init__(self, backend_uri: str, *extra: str, cwd: Path | None = None) -> None:
+        port = free_port()
+        self.args = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, *extra,
+                     "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+        self.url = f"http://127.0.0.1:{port}"
+        self.cwd, self.proc = cwd, None
+
+    def start(self) -> None:
+        """Start it and return once /health answers."""
+        self.proc = subprocess.Popen(self.args, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, start_new_session=True, text=True)
         deadline = time.time() + 120
         while True:
             try:
-                urllib.request.urlopen(f"{url}/health", timeout=2).close()
-                break
+                urllib.request.urlopen(f"{self.url}/health", timeout=2).close()
+                return
             except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"mlflow server did not start: {proc.stderr.read()[-2000:]}")
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    pytest.fail(f"mlflow server did not start: {self.proc.stderr.read()[-2000:]}")
                 time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+
+    def stop(self) -> None:
+        """Stop the server and its workers (their own process group)."""
         try:
-            proc.wait(timeout=30)
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except ProcessLookupError:
+            pass
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@contextmanager
+def mlflow_server(backend_uri: str, *extra: str, cwd: Path | None = None):
+    """A started MlflowServer, stopped afterwards."""
+    server = MlflowServer(backend_uri, *extra, cwd=cwd)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -19,8 +19,8 @@ pytestmark = [pytest.mark.slow,
 
 @pytest.fixture
 def mlflow_server(recorded_study):
-    with start_mlflow_server(f"sqlite:///{recorded_study / 'mlflow.db'}", cwd=recorded_study) as url:
-        yield url
+    with start_mlflow_server(f"sqlite:///{recorded_study / 'mlflow.db'}", cwd=recorded_study) as server:
+        yield server.url
 
 
 def test_experiment_page_lists_the_parent_run_and_its_nested_trials(mlflow_server, recorded_study):

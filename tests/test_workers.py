@@ -53,10 +53,10 @@ def pg_url():
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    """`mlflow server` with a PostgreSQL backend, as the README tells users to run it."""
+    """`mlflow server` with a PostgreSQL backend, as the README tells users to run it (conftest.MlflowServer)."""
     artifacts = tmp_path_factory.mktemp("mlflow-artifacts")
-    with start_mlflow_server(new_database("mlflow"), "--artifacts-destination", str(artifacts)) as url:
-        yield url
+    with start_mlflow_server(new_database("mlflow"), "--artifacts-destination", str(artifacts)) as server:
+        yield server
 
 
 def worker_args(tmp_path, mnist_root, storage: str, name: str, *extra: str) -> list[str]:
@@ -102,6 +102,14 @@ def assert_exact_budget(study: optuna.Study, n_trials: int) -> None:
     assert len({tuple(sorted(t.params.items())) for t in counted}) == n_trials
 
 
+def finished_trials(url: str) -> int:
+    """Trials of study 's' that have ended so far; 0 before the study exists."""
+    try:
+        return sum(t.state.is_finished() for t in optuna.load_study(study_name="s", storage=url).trials)
+    except KeyError:
+        return 0
+
+
 def study_runs(client, runs, study: optuna.Study):
     """The study's one parent run and its children, checked against the study's trials."""
     parents = [r for r in runs if r.data.tags.get("kind") == "study"]
@@ -115,23 +123,38 @@ def study_runs(client, runs, study: optuna.Study):
 
 @needs_pg
 @pytest.mark.slow
-def test_three_workers_share_one_study_and_its_budget_exactly(tmp_path, mnist_root, pg_url, mlflow_server):
+def test_three_workers_share_one_study_and_its_budget_exactly_through_a_tracking_server_restart(
+        tmp_path, mnist_root, pg_url, mlflow_server):
+    """The tracking server is restarted once a trial is done: the workers' MLflow calls wait for it (MLflow's
+    own retries), the later trials log into it, and no run is left RUNNING."""
     from mlflow.tracking import MlflowClient
 
     n_trials = 6
-    results, seconds = run_workers(3, tmp_path, mnist_root, pg_url, "storage=postgres",
-                                   f"hydra.sweeper.n_trials={n_trials}", f"mlflow.tracking_uri={mlflow_server}",
-                                   "mlflow.experiment=three_workers")
-    print(f"3 workers, {n_trials} trials: {seconds:.1f} s")  # the closing note's figure (pytest -s)
+    start = time.perf_counter()
+    workers = [start_worker(worker_args(tmp_path, mnist_root, pg_url, f"w{i}", "storage=postgres",
+                                        f"hydra.sweeper.n_trials={n_trials}", f"mlflow.tracking_uri={mlflow_server.url}",
+                                        "mlflow.experiment=three_workers"), tmp_path) for i in range(3)]
+    try:
+        deadline = time.time() + 240
+        while finished_trials(pg_url) < 1 and all(w.poll() is None for w in workers) and time.time() < deadline:
+            time.sleep(0.5)
+        restarted_at = time.time()
+        mlflow_server.restart()
+    finally:
+        results = finish(workers)
+    print(f"3 workers, {n_trials} trials, a tracking server restart: {time.perf_counter() - start:.1f} s")
     assert [code for code, _ in results] == [0, 0, 0], [err[-2000:] for _, err in results]
+    assert all("Traceback" not in err for _, err in results), [err[-2000:] for _, err in results]
     study = optuna.load_study(study_name="s", storage=pg_url)
     assert_exact_budget(study, n_trials)
     assert len(study.trials) == n_trials  # nothing retried, nothing over budget
     assert len({t.user_attrs[WORKER_ATTR] for t in study.trials}) >= 2  # they did run side by side
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_server.url)
     exp = client.get_experiment_by_name("three_workers")
     parent, children = study_runs(client, client.search_runs([exp.experiment_id], max_results=100), study)
     assert sorted(int(c.data.tags["trial_number"]) for c in children) == list(range(n_trials))
+    assert all("val/acc" in c.data.metrics for c in children)
+    assert any(c.info.start_time / 1000 > restarted_at for c in children)  # trials went on logging after it
     assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {c.info.run_id for c in children}
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials/complete"] + \
         parent.data.metrics["trials/pruned"] == n_trials
@@ -142,7 +165,7 @@ def test_three_workers_share_one_study_and_its_budget_exactly(tmp_path, mnist_ro
 def test_a_killed_workers_trial_is_failed_and_rerun_by_another(tmp_path, mnist_root, pg_url, mlflow_server):
     """Worker A trains slowly and is SIGKILLed mid-trial; worker B spends the rest of the budget, waits for A's
     trial to go stale, fails it and runs its re-queued copy: the study still ends with its budget."""
-    common = ["storage=postgres", "hydra.sweeper.n_trials=3", f"mlflow.tracking_uri={mlflow_server}",
+    common = ["storage=postgres", "hydra.sweeper.n_trials=3", f"mlflow.tracking_uri={mlflow_server.url}",
               "mlflow.experiment=killed_worker", *FAST_BEAT]
     slow = start_worker(worker_args(tmp_path, mnist_root, pg_url, "a", *common, "trainer.epochs=60"), tmp_path)
     fast = None
@@ -175,7 +198,7 @@ def test_a_killed_workers_trial_is_failed_and_rerun_by_another(tmp_path, mnist_r
     assert retry.params == killed.params and retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_server.url)
     exp = client.get_experiment_by_name("killed_worker")
     _, children = study_runs(client, client.search_runs([exp.experiment_id], max_results=100), study)
     killed_runs = [c for c in children if c.data.tags["trial_number"] == str(killed.number)]

@@ -7,11 +7,13 @@ where the plugin is installed alone)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -22,6 +24,8 @@ from optuna.trial import TrialState
 
 from conftest import write_app
 from hydra_plugins.hydra_optuna_pruning_sweeper._names import WITHDRAWN_ATTR, WORKER_ATTR
+from hydra_plugins.hydra_optuna_pruning_sweeper import _study as studies
+from hydra_plugins.hydra_optuna_pruning_sweeper._errors import ConfigError
 from hydra_plugins.hydra_optuna_pruning_sweeper._outage import Outage, is_transient
 from hydra_plugins.hydra_optuna_pruning_sweeper._study import budget_used, claim_trials, counted_trials, \
     make_storage, open_study, suggest
@@ -127,7 +131,7 @@ def test_a_claim_cut_off_before_its_trial_ran_is_withdrawn_from_the_budget(tmp_p
     study = open_study(storage, "s", ["minimize"], optuna.samplers.RandomSampler(seed=0))
     study.ask()  # a claim whose process died (or lost the database) before it put its name on the trial
     space = {"x": FloatDistribution(0, 1)}
-    (claimed,) = claim_trials(study, storage, 3, 1, lambda s: None, lambda t: suggest(t, space))
+    (claimed,) = claim_trials(study, storage, 3, 1, lambda trials: False, lambda t: suggest(t, space))
     cut, mine = study.trials
     assert cut.state == TrialState.FAIL and "cut off" in cut.user_attrs[WITHDRAWN_ATTR]
     assert mine.number == claimed.number and mine.state == TrialState.RUNNING and WORKER_ATTR in mine.user_attrs
@@ -138,16 +142,37 @@ def test_a_claim_cut_off_before_its_trial_ran_is_withdrawn_from_the_budget(tmp_p
 
 @pytest.fixture
 def postgres():
-    """(its folder, its DSN): a throwaway PostgreSQL for this test alone (it is restarted and stopped). In a folder
-    of its own under /tmp: the postgres user must reach it, and pytest's tmp_path is its owner's alone."""
+    """(its folder, its DSN): a throwaway PostgreSQL for this test alone (it is restarted and stopped)."""
+    with own_postgres() as server:
+        yield server
+
+
+@contextmanager
+def own_postgres(max_connections: int | None = None):
+    """In a folder of its own under /tmp: the postgres user must reach it, and pytest's tmp_path is its owner's
+    alone."""
     folder = Path(tempfile.mkdtemp(prefix="outage-pg-"))
+    env = os.environ | ({"PG_MAX_CONNECTIONS": str(max_connections)} if max_connections else {})
     try:
-        started = subprocess.run(["bash", str(POSTGRES_SH), "start", str(folder)], capture_output=True, text=True)
+        started = subprocess.run(["bash", str(POSTGRES_SH), "start", str(folder)], capture_output=True, text=True,
+                                 env=env)
         assert started.returncode == 0, started.stderr[-2000:]
         yield folder, f"{started.stdout.strip()}/postgres"
     finally:
         subprocess.run(["bash", str(POSTGRES_SH), "stop", str(folder)], capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def hold_every_connection(url: str) -> list:
+    """Connections opened until PostgreSQL refuses one (max_connections), and kept."""
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    held = []
+    while True:
+        try:
+            held.append(engine.connect())
+        except sqlalchemy.exc.OperationalError as e:
+            assert "too many clients" in str(e)
+            return held
 
 
 def pg(action: str, folder: Path) -> None:
@@ -284,3 +309,33 @@ def test_an_outage_longer_than_storage_wait_stops_each_worker_with_one_line_and_
     ((code, err),) = finish([again])
     assert code == 0, err[-3000:]
     assert_exact(url, 8)
+
+
+@needs_postgres
+@pytest.mark.slow
+def test_more_workers_than_max_connections_allows_wait_or_stop_with_one_line(tmp_path, monkeypatch):
+    """5 workers on a PostgreSQL that takes 8 connections (a worker holds 2-3): those refused wait for room with
+    one line, then join or, after the wait, stop with one line naming max_connections; nobody prints a traceback,
+    and the study ends with exactly its budget. Then one that finds no room for longer than the wait: one line."""
+    with own_postgres(max_connections=8) as (folder, url):
+        app = write_app(tmp_path / "app", APP, {"x": 0.0, "seconds": 0.3, "steps": 3}, {"direction": "minimize"})
+        workers = start_workers(app, url, 5, 8, wait_s=30)
+        try:
+            results = finish(workers, timeout=150)
+        finally:
+            for w in workers:
+                w.kill()
+        assert_exact(url, 8)
+        held = hold_every_connection(url)  # a worker that waits longer than the wait: one line, no traceback
+        monkeypatch.setattr(studies, "RESTART_WAIT_S", 1)
+        with pytest.raises(ConfigError, match="max_connections is reached: each sweeper process") as refused:
+            studies.make_storage(url + "?application_name=late")
+        for conn in held:
+            conn.close()
+    assert "\n" not in str(refused.value)
+    for code, err in results:
+        assert code in (0, 2) and "Traceback" not in err, err[-3000:]
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 0 or (len(errors) == 1 and "max_connections" in errors[0]), err[-3000:]
+    assert any("no free connection" in err or "max_connections" in err for _, err in results)
+    assert sum(code == 0 for code, _ in results) >= 1

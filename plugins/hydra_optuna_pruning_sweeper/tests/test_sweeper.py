@@ -10,7 +10,7 @@ import yaml
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from hydra_plugins.hydra_optuna_pruning_sweeper import _results as results
+from hydra_plugins.hydra_optuna_pruning_sweeper import _results as results, _study as studies
 from hydra_plugins.hydra_optuna_pruning_sweeper._errors import ConfigError
 from hydra_plugins.hydra_optuna_pruning_sweeper._redact import has_literal_password, mask_secrets
 from hydra_plugins.hydra_optuna_pruning_sweeper._outcome import objective_values
@@ -168,10 +168,41 @@ def test_a_failing_sampler_leaves_no_trial_running(tmp_path):
     study = open_study(storage, "s", ["maximize"], BrokenSampler())
     space = {"x": optuna.distributions.FloatDistribution(0, 1)}
     with pytest.raises(ConfigError, match="sampler could not propose a trial: ImportError"):
-        claim_trials(study, storage, 3, 1, lambda s: None, lambda t: suggest(t, space))
+        claim_trials(study, storage, 3, 1, lambda trials: False, lambda t: suggest(t, space))
     (trial,) = study.trials  # withdrawn: it never ran, and leaves the budget
     assert trial.state == TrialState.FAIL and "somepackage" in trial.user_attrs["withdrawn"]
     assert budget_used(study) == 0
+
+
+def test_a_claim_reads_the_study_once_under_the_lock(tmp_path, monkeypatch):
+    """Each read of a study loads every unfinished trial again (Optuna keeps only finished ones), so with many
+    workers every extra read under the claim lock lengthens every other worker's wait."""
+    storage = make_storage(f"sqlite:///{tmp_path / 'o.db'}")
+    study = open_study(storage, "s", ["maximize"], optuna.samplers.RandomSampler(seed=0))
+    space = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for _ in range(3):  # trials of other workers, still running
+        claim_trials(study, storage, 10, 1, lambda trials: False, lambda t: suggest(t, space))
+    reads, read = [], study.get_trials
+    monkeypatch.setattr(study, "get_trials", lambda *a, **k: reads.append(k) or read(*a, **k))
+    seen = []
+    (trial,) = claim_trials(study, storage, 10, 1, lambda trials: seen.append(len(trials)) or False,
+                            lambda t: suggest(t, space))
+    assert len(reads) == 1 and seen == [3] and trial.number == 3
+
+
+def test_the_tally_counts_the_budget_from_one_read(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", direction="minimize")
+    x = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for value in (3.0, 1.0, 1.0):
+        study.tell(study.ask(x), value)
+    study.ask(x)  # running
+    failed = study.ask(x)
+    study.tell(failed, state=TrialState.FAIL)
+    retry_once(study, failed.number)  # queued: its retry stands in for it, and counts once it runs
+    tally = studies.tally(study.get_trials(deepcopy=False))
+    assert (tally.size, tally.used, tally.failed, tally.running) == (6, 4, 0, 1)
+    (best,) = results.best_trials(study, study.get_trials(deepcopy=False))
+    assert best.number == 1 and best.value == study.best_value  # the first of equals
 
 
 def test_an_interrupted_trial_is_queued_again_once(tmp_path):

@@ -74,6 +74,11 @@ def is_restart(error: BaseException) -> bool:
     return any(_says(e, RESTART_SQLSTATES, RESTART_TEXT) for e in _chain(error))
 
 
+def is_full(error: BaseException) -> bool:
+    """Whether PostgreSQL refused a connection for max_connections: room comes back as other clients leave."""
+    return any(_says(e, ("53300",), ("too many clients",)) for e in _chain(error))
+
+
 def _chain(error: BaseException | None, most: int = 8) -> Iterator[BaseException]:
     """The error and what it was raised from or while handling (Optuna and SQLAlchemy wrap the driver's)."""
     while error is not None and most > 0:

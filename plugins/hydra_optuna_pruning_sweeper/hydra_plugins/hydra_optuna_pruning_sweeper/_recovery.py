@@ -19,13 +19,14 @@ the run, read again, still runs, so another worker that is ending its own trial 
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 import optuna
 from optuna.storages import RDBStorage
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from ._errors import Terminated
-from ._names import RUN_ID_ATTR, WORKER_ATTR, WORKER_PIDS_ATTR
+from ._names import RUN_ID_ATTR, WITHDRAWN_ATTR, WORKER_ATTR, WORKER_PIDS_ATTR
 from ._outage import Outage
 from ._optuna_adapter import fail_stale_trials, is_retry, queue_retry, retried_trial_number
 from ._study import claim_lock, fail_by_number, pid_namespace, process_gone, tell
@@ -74,20 +75,30 @@ class Recovery:
             self.tracker.end_trial_run(t.user_attrs.get(RUN_ID_ATTR), TrialState.FAIL, run_status="KILLED")
         return [t.number for t in dead]
 
-    def fail_stale(self) -> None:
+    def fail_stale(self, trials: Sequence[FrozenTrial] | None = None) -> bool:
         """FAIL (and re-queue once) the trials whose process stopped beating (with heartbeats on), and those whose
         process on this machine is gone. Called under the claim lock (their retries free room in the budget), and
-        when a study is opened."""
+        when a study is opened. `trials`: a read of the study made just before (one read per claim: each loads
+        every unfinished trial). Whether it failed any of the gone ones (the stale ones keep their place in the
+        budget: a stale trial's retry stands in for it)."""
         if not (self.outage and self.outage.recent(self.grace_s)):
             fail_stale_trials(self.study)
         here = pid_namespace()
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trials is None:
+            trials = self.study.get_trials(deepcopy=False)
+        gone = False
+        for t in trials:
             worker = t.user_attrs.get(WORKER_ATTR, "")
-            if not worker:  # a claim being made (or cut off: the next claim withdraws it)
-                continue
+            if t.state != TrialState.RUNNING or not worker or WITHDRAWN_ATTR in t.user_attrs:
+                continue  # a claim being made (or cut off, or withdrawn: the claim withdraws those)
             if here and t.user_attrs.get(WORKER_PIDS_ATTR) == here and process_gone(int(worker.rsplit(":", 1)[1])):
                 retry_once(self.study, t.number)
-                fail_by_number(self.study, self.storage, t.number, f"its sweeper process {worker} is gone")
+                try:
+                    fail_by_number(self.study, self.storage, t.number, f"its sweeper process {worker} is gone")
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    pass  # its heartbeat went stale too: failed just above (the read was made before)
+                gone = True
+        return gone
 
     def close_orphan_runs(self) -> None:
         """Runs left RUNNING whose trial is no longer running (see the module's docstring)."""

@@ -9,12 +9,18 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 
-def best_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The best trial (single objective) or the Pareto front; empty when nothing completed."""
-    completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+def best_trials(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> list[FrozenTrial]:
+    """The best trial (single objective) or the Pareto front; empty when nothing completed. `trials`: a read of
+    the study already made (single objective: the best is found in it, with no other read)."""
+    if trials is None:
+        trials = study.get_trials(deepcopy=False)
+    completed = [t for t in trials if t.state == TrialState.COMPLETE]
     if not completed:
         return []
-    return study.best_trials if len(study.directions) > 1 else [study.best_trial]
+    if len(study.directions) > 1:
+        return study.best_trials
+    pick = min if study.direction == optuna.study.StudyDirection.MINIMIZE else max
+    return [pick(completed, key=lambda t: t.value)]  # the first of equals
 
 
 def results_summary(study: optuna.Study) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -24,6 +25,7 @@ import time
 import warnings
 from pathlib import Path
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import optuna
@@ -36,12 +38,16 @@ from ._errors import ConfigError, one_line
 from ._names import END_REASON_ATTR, FAIL_REASON_ATTR, WITHDRAWN_ATTR, WORKER_ATTR, WORKER_PIDS_ATTR
 from ._optuna_adapter import engine, heartbeat_interval, record_heartbeat, retried_trial_number, set_trial_user_attr, \
     stale_trial_retry, trial_id
-from ._outage import LockLost, is_restart, is_transient
+from ._outage import LockLost, is_full, is_restart, is_transient
 from ._redact import mask_secrets
+
+log = logging.getLogger("optuna_pruning")
 STUDY_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # a file name on every OS, no path parts
 CONNECT_TIMEOUT_S = 5  # a worker whose database does not answer in this many seconds stops with a clear error
-RESTART_WAIT_S = 60  # seconds a worker that starts while its database restarts waits for it
-
+RESTART_WAIT_S = 60  # seconds a worker that starts while its database restarts (or is full) waits for it
+POOL_SIZE = 2  # connections a process keeps open: the claim lock's and one for queries (its heartbeat's and a
+# job's report share them; a third, rare, is opened and closed)
+_OPENED: dict[str, RDBStorage] = {}  # the storage each URL was last opened as in this process (report_storage)
 
 
 def quiet_optuna() -> None:
@@ -76,8 +82,10 @@ def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
 
     Opening it connects and creates the tables, so a database that is down (or a wrong URL) fails here, before
     any training, within CONNECT_TIMEOUT_S. One that is restarting (it says so, or ends the connection) is waited
-    for up to RESTART_WAIT_S: a worker that starts while the others ride out a restart joins them."""
-    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    for up to RESTART_WAIT_S: a worker that starts while the others ride out a restart joins them. So is one
+    that PostgreSQL refuses for max_connections (other clients leave), with one line; after the wait it stops
+    with one line that says how many connections a worker holds."""
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True, "pool_size": POOL_SIZE}
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 60}}  # seconds to wait for another writer's lock
     elif url.startswith(("postgresql", "mysql")):
@@ -87,26 +95,42 @@ def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         if database is not None:
             database.parent.mkdir(parents=True, exist_ok=True)
         restart_ends = time.monotonic() + RESTART_WAIT_S
-        attempt = 0
+        attempt, said_full = 0, False
         while True:
             try:  # a new database gets its tables here: one SQLite writer at a time, PostgreSQL workers retry
                 with locks.file_lock(database) if database else nullcontext():
                     beats = {} if not heartbeat_interval else dict(
                         heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                         heartbeat_stale_trial_callback=stale_trial_retry())
-                    return RDBStorage(url, engine_kwargs=engine_kwargs, **beats)
+                    _OPENED[url] = RDBStorage(url, engine_kwargs=engine_kwargs, **beats)
+                    return _OPENED[url]
             except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
                 attempt += 1
                 if attempt == 3:
                     raise
                 time.sleep(1)  # another worker is creating the same tables
             except Exception as e:
-                if not is_restart(e) or time.monotonic() > restart_ends:
+                if not (is_restart(e) or is_full(e)) or time.monotonic() > restart_ends:
                     raise
+                if is_full(e) and not said_full:
+                    said_full = True
+                    log.warning(f"the Optuna storage {mask_secrets(url)} has no free connection (PostgreSQL's "
+                                f"max_connections): waiting up to {RESTART_WAIT_S} s for one")
                 time.sleep(1)
     except Exception as e:
+        hint = (f" PostgreSQL's max_connections is reached: each sweeper process (a worker) holds up to "
+                f"{POOL_SIZE + 1} connections, so N workers need about {POOL_SIZE}N-{POOL_SIZE + 1}N. Raise "
+                "max_connections (postgresql.conf), run fewer workers, or put a pooler (PgBouncer) in front."
+                ) if is_full(e) else ""
         raise ConfigError(f"Optuna storage {mask_secrets(url)!r} (hydra.sweeper.storage) could not be opened: "
-                          f"{one_line(e)}") from e  # the cause tells a job whether to wait (_trial.TrialReport)
+                          f"{one_line(e)}{hint}") from e  # the cause tells a job whether to wait (_trial.TrialReport)
+
+
+def report_storage(url: str) -> RDBStorage:
+    """The storage a trial's job reports through: where the job runs in its sweeper's process (the basic
+    launcher, a local worker), the sweeper's own, so that a worker holds one pool of connections, not two."""
+    return _OPENED.get(url) or make_storage(url)
+
 
 
 def open_study(storage: RDBStorage, name: str | None, directions: list[str],
@@ -153,27 +177,43 @@ def retried_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
     return numbers
 
 
-def counted_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The study's trials less those failed stale and re-queued (their retry stands in for them) and the claims
-    withdrawn before they ran."""
-    trials = study.get_trials(deepcopy=False)
+def counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials less those failed stale and re-queued (their retry stands in for them) and the claims withdrawn
+    before they ran."""
     retried = retried_numbers(trials)
     return [t for t in trials if t.number not in retried and WITHDRAWN_ATTR not in t.user_attrs]
 
 
+def counted_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The study's trials that count (`counted`)."""
+    return counted(study.get_trials(deepcopy=False))
+
+
+@dataclass(frozen=True)
+class Tally:
+    """One read of a study, counted the budget's way. A read costs a query that loads every unfinished trial
+    (Optuna's cache keeps only finished ones), so with many workers each step of a trial's life reads once and
+    counts everything it needs from that read."""
+
+    size: int  # trials in the study, retried and withdrawn ones included
+    used: int  # counted trials finished or running: the n_trials budget (a queued retry counts once it runs)
+    failed: int  # counted FAIL trials: what max_failure_rate judges
+    running: int  # counted RUNNING trials, in this worker or another: the budget is not done until they end
+
+
+def tally(trials: Sequence[FrozenTrial]) -> Tally:
+    states = [t.state for t in counted(trials)]
+    return Tally(size=len(trials), used=sum(1 for s in states if s != TrialState.WAITING),
+                 failed=states.count(TrialState.FAIL), running=states.count(TrialState.RUNNING))
+
+
+def read_tally(study: optuna.Study) -> Tally:
+    return tally(study.get_trials(deepcopy=False))
+
+
 def budget_used(study: optuna.Study) -> int:
-    """Trials that count toward n_trials: finished or running (a queued retry counts once it runs)."""
-    return sum(1 for t in counted_trials(study) if t.state != TrialState.WAITING)
-
-
-def failed_count(study: optuna.Study) -> int:
-    """Failed trials that count against max_failure_rate."""
-    return sum(1 for t in counted_trials(study) if t.state == TrialState.FAIL)
-
-
-def running_count(study: optuna.Study) -> int:
-    """Counted trials still RUNNING, in this worker or another: the budget is not done until they end."""
-    return sum(1 for t in counted_trials(study) if t.state == TrialState.RUNNING)
+    """Trials that count toward n_trials: finished or running."""
+    return read_tally(study).used
 
 
 @contextmanager
@@ -197,14 +237,17 @@ def claim_lock(storage: RDBStorage, study_name: str) -> Iterator[Callable[[], bo
 
 
 def claim_trials(study: optuna.Study, storage: RDBStorage, n_trials: int, most: int,
-                 before_count: Callable[[optuna.Study], None],
+                 recover: Callable[[Sequence[FrozenTrial]], bool],
                  suggest: Callable[[optuna.Trial], None]) -> list[optuna.Trial]:
     """Up to `most` trials of what is left of the study's budget, for this worker.
 
-    Under the claim lock, and nothing else under it: claims that were cut off are withdrawn, `before_count` (the
-    caller fails dead trials there, which re-queues them and frees their place in the budget), the budget is
-    counted, and each claimed trial gets its params (`suggest`), its first heartbeat and, last, this worker's
-    name, before the next worker may count. A re-queued trial is claimed before a new one is created.
+    Under the claim lock, and nothing else under it, from one read of the study: claims that were cut off are
+    withdrawn, `recover` (the caller fails dead trials there, which re-queues them and frees their place in the
+    budget; it says whether it failed any), the budget is counted, and each claimed trial is created (`ask`: a
+    grid point or a relative sampler's proposal is chosen there), gets its first heartbeat and, last, this
+    worker's name, before the next worker may count. A re-queued trial is claimed before a new one is created.
+    Its parameters (`suggest`) are drawn after the lock is released: an independent sampler such as TPE reads
+    the whole study for them, and the other workers need not wait for that.
 
     A RUNNING trial without a worker's name, seen under the lock, is a claim cut off (its process died, or lost
     the database, in the middle of it): it never ran, and it is withdrawn (FAIL, WITHDRAWN_ATTR, out of the
@@ -212,9 +255,10 @@ def claim_trials(study: optuna.Study, storage: RDBStorage, n_trials: int, most: 
     may have counted the same room), its own trials are withdrawn the same way and the error raised (_outage.py
     decides whether to claim again)."""
     with claim_lock(storage, study.study_name) as still_held:
-        withdraw_cut_off_claims(study, storage)
-        before_count(study)
-        room = n_trials - budget_used(study)
+        trials = study.get_trials(deepcopy=False)
+        if withdraw_cut_off_claims(study, storage, trials) | recover(trials):
+            trials = study.get_trials(deepcopy=False)  # rare: count what they freed
+        room = n_trials - tally(trials).used
         if room <= 0:
             return []
         worker, pids = f"{socket.gethostname()}:{os.getpid()}", pid_namespace()
@@ -223,7 +267,6 @@ def claim_trials(study: optuna.Study, storage: RDBStorage, n_trials: int, most: 
             for _ in range(min(most, room)):
                 trial = study.ask()
                 batch.append(trial)
-                suggest(trial)
                 if heartbeat_interval(storage):
                     record_heartbeat(storage, trial_id(storage, study.study_name, trial.number))
                 if pids:
@@ -232,31 +275,51 @@ def claim_trials(study: optuna.Study, storage: RDBStorage, n_trials: int, most: 
             if not still_held():
                 raise LockLost(f"the claim lock of study {study.study_name!r} ended while it was held")
         except BaseException as e:
-            # the database, not the sampler: it went away, or restarted and ended the lock (another worker, with
-            # the lock, may then have withdrawn this claim's trial under it: "Trial#N has already finished")
-            lost = isinstance(e, Exception) and (is_transient(e) or not still_held())
-            reason = f"{'its claim was cut off' if lost else 'the sampler could not propose a trial'}: {one_line(e)}"
-            try:  # this call's trials, and one that ask() made before it failed (it has no worker's name yet)
-                for trial in batch:
-                    withdraw(study, storage, trial.number, reason)
-                withdraw_cut_off_claims(study, storage)
-            except Exception:  # the database is gone: the next claim withdraws them (WITHDRAWN_ATTR or no name)
-                pass
-            if lost and not is_transient(e):
-                raise LockLost(reason) from e
-            if isinstance(e, Exception) and not isinstance(e, ConfigError) and not lost:
-                raise ConfigError(f"hydra.sweeper.sampler: {reason}") from None
-            raise
-        return batch
+            _give_back(study, storage, batch, e, still_held, locked=True)
+    try:
+        for trial in batch:
+            suggest(trial)
+    except BaseException as e:
+        _give_back(study, storage, batch, e, locked=False)
+    return batch
 
 
-def withdraw_cut_off_claims(study: optuna.Study, storage: RDBStorage) -> None:
+def _give_back(study: optuna.Study, storage: RDBStorage, batch: list[optuna.Trial], error: BaseException,
+               still_held: Callable[[], bool] = locks.always_held, locked: bool = False) -> None:
+    """A claim that failed: its trials are withdrawn and the error raised, as LockLost where the database (not
+    the sampler) cut it off, as ConfigError where the sampler could not propose a trial. `locked`: still under
+    the claim lock, where a trial that ask() made before it failed (it has no worker's name yet) is withdrawn
+    too; after the lock, another worker's claim in the making looks the same, so only this claim's own are."""
+    # the database, not the sampler: it went away, or restarted and ended the lock (another worker, with the
+    # lock, may then have withdrawn this claim's trial under it: "Trial#N has already finished")
+    lost = isinstance(error, Exception) and (is_transient(error) or not still_held())
+    reason = f"{'its claim was cut off' if lost else 'the sampler could not propose a trial'}: {one_line(error)}"
+    try:
+        for trial in batch:
+            withdraw(study, storage, trial.number, reason)
+        if locked:
+            withdraw_cut_off_claims(study, storage)
+    except Exception:  # the database is gone: the next claim withdraws them (WITHDRAWN_ATTR or no name), or
+        pass  # their heartbeat goes stale and they run again
+    if lost and not is_transient(error):
+        raise LockLost(reason) from error
+    if isinstance(error, Exception) and not isinstance(error, ConfigError) and not lost:
+        raise ConfigError(f"hydra.sweeper.sampler: {reason}") from None
+    raise error
+
+
+def withdraw_cut_off_claims(study: optuna.Study, storage: RDBStorage,
+                            trials: Sequence[FrozenTrial] | None = None) -> bool:
     """Under the claim lock: withdraw the RUNNING trials that carry no worker's name (claims cut off) and those
-    whose withdrawal was cut off."""
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if WORKER_ATTR not in t.user_attrs or WITHDRAWN_ATTR in t.user_attrs:
-            withdraw(study, storage, t.number, t.user_attrs.get(WITHDRAWN_ATTR)
-                     or "its claim was cut off before it ran (its process died or lost the database)")
+    whose withdrawal was cut off; `trials`: a read of the study made under the lock. Whether it withdrew any."""
+    if trials is None:
+        trials = study.get_trials(deepcopy=False)
+    cut_off = [t for t in trials if t.state == TrialState.RUNNING
+               and (WORKER_ATTR not in t.user_attrs or WITHDRAWN_ATTR in t.user_attrs)]
+    for t in cut_off:
+        withdraw(study, storage, t.number, t.user_attrs.get(WITHDRAWN_ATTR)
+                 or "its claim was cut off before it ran (its process died or lost the database)")
+    return bool(cut_off)
 
 
 def withdraw(study: optuna.Study, storage: RDBStorage, number: int, reason: str) -> None:

@@ -7,11 +7,11 @@ import logging
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import optuna
 from omegaconf import OmegaConf
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from . import _results as results, _study as studies
 from ._names import FAIL_REASON_ATTR, OVERRIDES_ATTR
@@ -32,13 +32,13 @@ def trial_params_text(params: dict[str, Any]) -> str:
                     for k, v in params.items())
 
 
-def trial_end_line(study: optuna.Study, number: int, n_trials: int, metric_names: list[str] | None) -> str:
+def trial_end_line(study: optuna.Study, trials: Sequence[FrozenTrial], number: int, n_trials: int,
+                   metric_names: list[str] | None) -> str:
     """'trial 3 (4/12) COMPLETE val/acc 0.9871 (best so far #1: 0.9890)', 'PRUNED at step 2 ...', 'FAIL: why'
-    (a step is what the job reports at: an epoch for mnist_sweep)."""
+    (a step is what the job reports at: an epoch for mnist_sweep); `trials`: a read of the study after the tell."""
     names = metric_names or ["value"] * len(study.directions)
-    trials = studies.counted_trials(study)
-    trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
-    done = sum(1 for t in trials if t.state.is_finished())
+    trial = next(t for t in trials if t.number == number)
+    done = sum(1 for t in studies.counted(trials) if t.state.is_finished())
     head = f"trial {number} ({done}/{budget_text(n_trials)}) {trial.state.name}"
     if trial.state == TrialState.FAIL:
         return f"{head}: {trial.user_attrs.get(FAIL_REASON_ATTR, 'no reason recorded')}"
@@ -47,8 +47,8 @@ def trial_end_line(study: optuna.Study, number: int, n_trials: int, metric_names
         head += f" at step {step} {names[0]} {trial.intermediate_values[step]:.4f}"
     elif trial.values:
         head += " " + " ".join(f"{n} {v:.4f}" for n, v in zip(names, trial.values))
-    best = results.best_trials(study)
-    if len(best) == 1 and len(study.directions) == 1:
+    best = results.best_trials(study, trials) if len(study.directions) == 1 else []
+    if len(best) == 1:
         head += f" (best so far #{best[0].number}: {best[0].value:.4f})"
     return head
 
@@ -56,10 +56,11 @@ def trial_end_line(study: optuna.Study, number: int, n_trials: int, metric_names
 def budget_spent(study: optuna.Study, settings: Settings, n_trials: int, spent: float, sweep_dir: Path) -> bool:
     """A finished study's command says so in one line, and leaves nothing behind (no run, no folder).
     Dead processes' trials have just been failed, so their retries count as room."""
-    used = studies.budget_used(study)
+    tally = studies.read_tally(study)
+    used = tally.used
     timeout = settings.timeout
     out_of_time = timeout is not None and spent >= timeout
-    if (used < n_trials and not out_of_time) or studies.running_count(study):
+    if (used < n_trials and not out_of_time) or tally.running:
         return False
     best = results.best_trials(study)
     found = f"; best trial #{best[0].number}: {settings.metric}={best[0].value:.4f}" if len(best) == 1 else ""

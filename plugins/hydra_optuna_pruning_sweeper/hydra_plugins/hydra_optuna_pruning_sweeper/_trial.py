@@ -87,26 +87,23 @@ class TrialReport:
     when the pruner says stop. Multi-objective trials are not pruned (Optuna cannot); they record the values."""
 
     def __init__(self, ref: TrialRef) -> None:
-        import optuna
-
         from . import _optuna_adapter
         from ._outage import is_transient, patience
-        from ._study import make_storage, quiet_optuna
+        from ._study import quiet_optuna, report_storage
 
         quiet_optuna()
         self.patient = patience(ref.storage_wait, ref.storage).call  # reports ride out an outage too
 
         def open_storage():  # mid-sweep: a storage that is down now is waited for, as the sweeper's steps are
             try:
-                return make_storage(ref.storage)  # reports only: the sweeper keeps the heartbeat
+                return report_storage(ref.storage)  # reports only: the sweeper keeps the heartbeat
             except ConfigError as e:
                 if e.__cause__ is not None and is_transient(e.__cause__):
                     raise e.__cause__ from None
                 raise
 
         storage = self.patient(open_storage)
-        study = self.patient(lambda: optuna.load_study(study_name=ref.study, storage=storage,
-                                                       pruner=build_pruner(ref.pruner)))
+        study = self.patient(lambda: _loaded_study(storage, ref.study, ref.pruner))
         self.trial = self.patient(lambda: _optuna_adapter.running_trial(study, storage, ref.number))
         self.number = ref.number
         self.study = ref.study
@@ -151,6 +148,16 @@ def current_trial(env: Mapping[str, str] | None = None) -> TrialReport | NoTrial
     (see the module's docstring)."""
     ref = TrialRef.from_env(os.environ if env is None else env)
     return NoTrial() if ref is None else _trial_report(ref)
+
+
+@functools.lru_cache(maxsize=4)
+def _loaded_study(storage, name: str, pruner: str) -> "optuna.Study":
+    """One Study per study per process, shared by the trials it runs (a local worker runs many): Optuna keeps the
+    finished trials a Study has read, and a pruner reads the whole study at each report, so a Study loaded afresh
+    for each trial would load every finished trial again."""
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=storage, pruner=build_pruner(pruner))
 
 
 @functools.lru_cache(maxsize=4)

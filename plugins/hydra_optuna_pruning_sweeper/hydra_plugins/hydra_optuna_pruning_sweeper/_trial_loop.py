@@ -1,7 +1,7 @@
 """The trial loop, run by the sweep's main process (batches of n_jobs trials through Hydra's launcher) and by each
 local worker (one trial at a time). A trial's life reads top to bottom:
 
-    claim (ask and suggest: all that holds the claim lock) -> its overrides and MLflow run -> launch -> tell
+    claim (ask: all that holds the claim lock) -> suggest -> its overrides and MLflow run -> launch -> tell
 
 until the budget is spent and no trial runs, here or in another worker (a dead worker's trial goes stale, is
 re-queued and claimed here). Each step that talks to the storage rides out an outage of it (_outage.py).
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial
 from hydra.utils import get_method
 from omegaconf import DictConfig
 
@@ -24,7 +25,7 @@ from ._errors import UserError, one_line
 from ._names import FAIL_REASON_ATTR, OVERRIDES_ATTR, RUN_ID_ATTR
 from ._optuna_adapter import trial_id
 from ._outage import Outage, is_transient
-from ._outcome import outcome
+from ._outcome import Outcome, outcome
 from ._recovery import Recovery
 from ._redact import mask_secrets
 from ._settings import UNLIMITED, Settings
@@ -72,11 +73,11 @@ class TrialLoop:
             if self.pace.keeps_time:
                 self.patient(lambda: self.clock.record(self.study))
             if batch:
-                self._run_batch(batch)
-                self._check_failure_rate()
+                self._check_failure_rate(self._run_batch(batch))
                 continue
-            if not (running := self.patient(lambda: studies.running_count(self.study))):
-                if out_of_time or self.patient(lambda: studies.budget_used(self.study)) >= self.n_trials:
+            tally = self.patient(lambda: studies.read_tally(self.study))
+            if not (running := tally.running):
+                if out_of_time or tally.used >= self.n_trials:
                     return
                 continue  # a dead worker's trial, re-queued since this claim counted the budget: claim it
             if running != waiting_for:
@@ -86,38 +87,37 @@ class TrialLoop:
             waiting_for = running
             time.sleep(self.pace.poll_s)
 
-    def _failures(self) -> tuple[int, int]:
+    def _failures(self, tally: studies.Tally) -> tuple[int, int]:
         """(failed trials, the trials their share is of): without n_trials (timeout alone), the trials so far once
         there are a few."""
         n = self.n_trials
-        of = n if n < UNLIMITED else max(MIN_TRIALS_FOR_RATE, studies.budget_used(self.study))
-        return studies.failed_count(self.study), of
+        return tally.failed, n if n < UNLIMITED else max(MIN_TRIALS_FOR_RATE, tally.used)
 
-    # -- claim: under the lock ---------------------------------------------------------------------------------
+    # -- claim: ask under the lock, then suggest -------------------------------------------------------------
 
     def _claim(self) -> list[optuna.Trial]:
-        return studies.claim_trials(self.study, self.storage, self.n_trials, self.pace.batch, self._before_count,
+        return studies.claim_trials(self.study, self.storage, self.n_trials, self.pace.batch, self._recover,
                                     self._suggest)
 
-    def _before_count(self, study: optuna.Study) -> None:
-        """Fail dead trials (freeing their place in the budget). Workers started together would draw the same
-        points from the same seed: when the study holds other trials than this worker last saw, its sampler is
-        rebuilt with the seed offset by the study's size."""
-        self.recovery.fail_stale()
-        existing = len(study.get_trials(deepcopy=False))
-        if existing != self.seen:
-            study.sampler, _ = self.settings.seeded_sampler(existing, self.distributions)
-            self.seen = existing
+    def _recover(self, trials: list[FrozenTrial]) -> bool:
+        """Fail dead trials (freeing their place in the budget); whether it failed any. Workers started together
+        would draw the same points from the same seed: when the study holds other trials than this worker last
+        saw, its sampler is rebuilt with the seed offset by the study's size."""
+        if len(trials) != self.seen:
+            self.study.sampler, _ = self.settings.seeded_sampler(len(trials), self.distributions)
+            self.seen = len(trials)
+        return self.recovery.fail_stale(trials)
 
     def _suggest(self, trial: optuna.Trial) -> None:
         studies.suggest(trial, self.distributions)
         if self.settings.custom_search_space:
             get_method(self.settings.custom_search_space)(self.config, trial)
-        self.seen = len(self.study.get_trials(deepcopy=False))
+        self.seen = max(self.seen, trial.number + 1)  # the study's size now: trials are numbered in order
 
     # -- launch and tell: without the lock ---------------------------------------------------------------------
 
-    def _run_batch(self, batch: list[optuna.Trial]) -> None:
+    def _run_batch(self, batch: list[optuna.Trial]) -> studies.Tally:
+        """Launch the batch and tell each trial's end; the study counted after."""
         for trial in batch:
             log.info(f"trial {trial.number} started: {trial_params_text(trial.params)}")
         ids = self.patient(lambda: [trial_id(self.storage, self.study.study_name, t.number) for t in batch])
@@ -133,8 +133,22 @@ class TrialLoop:
         except Exception as e:  # the launcher's, not a job's (Hydra returns those): e.g. an override it can't apply
             self._fail_unlaunched(batch, e)
         self.job_idx += len(returns)
+        told = []
         for trial, ret in zip(batch, returns):
-            self._tell(trial, ret)
+            end = self._tell(trial, ret)
+            if end.stop is not None:
+                self._end_lines(told)
+                raise end.stop
+            told.append((trial, end))
+        return studies.tally(self._end_lines(told))
+
+    def _end_lines(self, told: list) -> list[FrozenTrial]:
+        """Each told trial's line, from one read of the study; returns that read."""
+        trials = self.patient(lambda: self.study.get_trials(deepcopy=False))
+        for trial, end in told:
+            log.info(trial_end_line(self.study, trials, trial.number, self.n_trials, self.settings.metric_names)
+                     + ("; its parameters run again once" if end.interrupted else ""))
+        return trials
 
     def _beat_failed(self, error: Exception) -> None:
         if is_transient(error):
@@ -172,27 +186,24 @@ class TrialLoop:
             self.patient(lambda: trial.set_user_attr(RUN_ID_ATTR, run_id))
         return overrides + [f"++hydra.job.env_set.{k}={quote(v)}" for k, v in env.items()]
 
-    def _tell(self, trial: optuna.Trial, ret) -> None:
-        """Tell the trial's end to the study and its MLflow run; a job that stopped the sweep stops it here."""
+    def _tell(self, trial: optuna.Trial, ret) -> Outcome:
+        """Tell the trial's end to the study and its MLflow run; its outcome (a job that stopped the sweep says so
+        in `stop`)."""
         end = outcome(ret, len(self.settings.directions), trial.number)
         if end.interrupted:  # stopped from outside (scancel, a time limit), as Ctrl-C is here
             self.patient(lambda: self.recovery.stopped(trial, end.reason))
         else:
             self.patient(lambda: studies.tell(self.study, trial, end.state, end.values, end.reason))
             self.tracker.end_trial_run(trial.user_attrs.get(RUN_ID_ATTR), end.state)
-        if end.stop is not None:
-            raise end.stop
-        line = self.patient(lambda: trial_end_line(self.study, trial.number, self.n_trials,
-                                                   self.settings.metric_names))
-        log.info(line + ("; its parameters run again once" if end.interrupted else ""))
+        return end
 
-    def _check_failure_rate(self) -> None:
-        failed, of = self.patient(self._failures)
+    def _check_failure_rate(self, tally: studies.Tally) -> None:
+        failed, of = self._failures(tally)
         if failed > self.settings.max_failure_rate * of:
             # counted again under the claim lock: there a dead worker's trial is failed and queued again as one
             # step (Optuna fails a stale trial first and queues its retry after)
             with studies.claim_lock(self.storage, self.study.study_name):
-                failed, of = self.patient(self._failures)
+                failed, of = self._failures(self.patient(lambda: studies.read_tally(self.study)))
         if failed > self.settings.max_failure_rate * of:
             raise UserError(f"{failed} trials of the study failed, more than hydra.sweeper.max_failure_rate="
                             f"{self.settings.max_failure_rate} of its {budget_text(of)} trials; see the trials' "

@@ -66,8 +66,9 @@ def run(study: optuna.Study, recovery: Recovery, n_workers: int, n_trials: int, 
         raise local_workers.WorkerFailed(failed.returncode, lines[0] if lines else (
             f"local worker {failed.pid} ended with {local_workers.signal_name(failed.returncode)}; the other "
             "workers were stopped (their trials are FAIL and run again on resume)"))
-    used = studies.budget_used(study)
-    if (used < n_trials and not clock.past()) or studies.running_count(study):
+    tally = studies.read_tally(study)
+    used = tally.used
+    if (used < n_trials and not clock.past()) or tally.running:
         raise local_workers.WorkerFailed(1, f"error: every local worker was killed before the study's budget was "
                                             f"spent ({used}/{n_trials} trials); run the same command again to "
                                             "resume")
