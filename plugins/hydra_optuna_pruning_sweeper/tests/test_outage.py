@@ -7,6 +7,7 @@ where the plugin is installed alone)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import subprocess
@@ -164,15 +165,20 @@ def own_postgres(max_connections: int | None = None):
 
 
 def hold_every_connection(url: str) -> list:
-    """Connections opened until PostgreSQL refuses one (max_connections), and kept."""
+    """Connections opened until PostgreSQL refuses one (max_connections) three times over 1.5 s, and kept: slots
+    of clients that just left (a worker's exit, an engine garbage-collected) free up a moment later."""
+    gc.collect()  # closes the pools of storages this process no longer uses
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-    held = []
-    while True:
+    held, refused = [], 0
+    while refused < 3:
         try:
             held.append(engine.connect())
+            refused = 0
         except sqlalchemy.exc.OperationalError as e:
             assert "too many clients" in str(e)
-            return held
+            refused += 1
+            time.sleep(0.5)
+    return held
 
 
 def pg(action: str, folder: Path) -> None:
