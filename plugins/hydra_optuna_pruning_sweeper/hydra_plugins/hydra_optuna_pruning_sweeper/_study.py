@@ -132,7 +132,6 @@ def report_storage(url: str) -> RDBStorage:
     return _OPENED.get(url) or make_storage(url)
 
 
-
 def open_study(storage: RDBStorage, name: str | None, directions: list[str],
                sampler: optuna.samplers.BaseSampler, fresh: bool = False) -> optuna.Study:
     """Create or resume the study. `fresh`: always a new study; where the storage already holds one of that name
@@ -230,7 +229,7 @@ def claim_lock(storage: RDBStorage, study_name: str) -> Iterator[Callable[[], bo
         with locks.advisory_lock(engine(storage), f"optuna sweep claim {study_name}") as still_held:
             yield still_held
         return
-    if url.get_backend_name() not in ("postgresql", "sqlite"):
+    if url.get_backend_name() != "sqlite":  # PostgreSQL returned above
         warnings.warn(f"{url.get_backend_name()} storage: no claim lock, workers may overshoot n_trials")
     with locks.file_lock(database) if database else nullcontext():
         yield locks.always_held

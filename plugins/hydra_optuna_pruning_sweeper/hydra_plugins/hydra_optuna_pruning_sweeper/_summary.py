@@ -56,13 +56,14 @@ def trial_end_line(study: optuna.Study, trials: Sequence[FrozenTrial], number: i
 def budget_spent(study: optuna.Study, settings: Settings, n_trials: int, spent: float, sweep_dir: Path) -> bool:
     """A finished study's command says so in one line, and leaves nothing behind (no run, no folder).
     Dead processes' trials have just been failed, so their retries count as room."""
-    tally = studies.read_tally(study)
+    trials = study.get_trials(deepcopy=False)
+    tally = studies.tally(trials)
     used = tally.used
     timeout = settings.timeout
     out_of_time = timeout is not None and spent >= timeout
     if (used < n_trials and not out_of_time) or tally.running:
         return False
-    best = results.best_trials(study)
+    best = results.best_trials(study, trials)
     found = f"; best trial #{best[0].number}: {settings.metric}={best[0].value:.4f}" if len(best) == 1 else ""
     if out_of_time:
         log.info(f"study {study.study_name!r} has used its time budget ({spent:.0f} s of hydra.sweeper.timeout="

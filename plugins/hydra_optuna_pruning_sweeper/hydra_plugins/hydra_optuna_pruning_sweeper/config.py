@@ -44,7 +44,8 @@ class OptunaPruningSweeperConf:
     heartbeat_interval: Any = None  # seconds; fail (and re-run once) trials whose process died
     grace_period: Any = None  # seconds without a heartbeat before a trial counts as dead
     # seconds a running sweep waits for its storage when the connection is lost (a database restart), retrying
-    # with backoff; then it stops, and the same command resumes. 0: stop at once. Opening it never waits
+    # with backoff; then it stops, and the same command resumes. 0: stop at once. Opening it waits only for a
+    # database that is restarting or full (max_connections), up to 60 s: a wrong URL fails at once
     storage_wait: Any = 120
     metric_names: Optional[list[str]] = None  # names of the objectives (optuna-dashboard's axes, MLflow)
     mlflow: MLflowSettings = field(default_factory=MLflowSettings)
