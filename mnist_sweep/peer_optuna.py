@@ -1,8 +1,8 @@
 """The sweep benchmark's `optuna` peer: ours' sampler and pruner in a bare Optuna loop, no Hydra and no MLflow.
 
 n_jobs worker processes (as many as ours trains at once) share one SQLite study; each runs
-`study.optimize(objective, timeout=what is left of the budget)` and loads MNIST once (the library caches it per
-process). Worker i seeds its TPE with seed + i: with one seed, the workers' random start-up trials would be the same
+`study.optimize(objective, timeout=what is left of the budget)` (with a number of trials: its share of them) and
+loads MNIST once (the library caches it per process). Worker i seeds its TPE with seed + i: with one seed, the workers' random start-up trials would be the same
 points, trained twice. The pruner is ours (successive halving at epoch 1 and 3 by default) and, as ours does, never
 judges a trial's last epoch: the work is done by then, and a rung at the last epoch would throw a result away.
 """
@@ -24,9 +24,14 @@ STUDY = "optuna"  # the study's name in its storage
 STORAGE = "optuna.db"  # in the study folder
 
 
-def run(plan: PeerPlan, folder: Path, deadline: float) -> int:
-    """The study, until the deadline; the exit code: 0, else a worker's (2: a trial said the whole study would
-    fail, e.g. no MNIST at data.root)."""
+def trial_shares(n_trials: int, n_jobs: int) -> list[int]:
+    """Each worker's number of trials, together exactly n_trials: Optuna's n_trials counts one process's trials."""
+    return [n_trials // n_jobs + (i < n_trials % n_jobs) for i in range(n_jobs)]
+
+
+def run(plan: PeerPlan, folder: Path, deadline: float, n_trials: int | None = None) -> int:
+    """The study, until the deadline or n_trials trials (None: no limit); the exit code: 0, else a worker's (2: a
+    trial said the whole study would fail, e.g. no MNIST at data.root)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -34,7 +39,8 @@ def run(plan: PeerPlan, folder: Path, deadline: float) -> int:
     # created once here: workers creating it at the same moment race for the study's row
     optuna.create_study(study_name=STUDY, storage=url, direction="maximize")
     spawn = multiprocessing.get_context("spawn")  # fresh interpreters, as ours' workers are; no forked torch state
-    workers = [spawn.Process(target=work, args=(plan, folder, i, deadline), name=f"optuna-worker-{i}")
+    shares = trial_shares(n_trials, plan.n_jobs) if n_trials is not None else [None] * plan.n_jobs
+    workers = [spawn.Process(target=work, args=(plan, folder, i, deadline, shares[i]), name=f"optuna-worker-{i}")
                for i in range(plan.n_jobs)]
     for w in workers:
         w.start()
@@ -49,7 +55,7 @@ def run(plan: PeerPlan, folder: Path, deadline: float) -> int:
     return next((w.exitcode for w in workers if w.exitcode), 0)
 
 
-def work(plan: PeerPlan, folder: Path, index: int, deadline: float) -> None:
+def work(plan: PeerPlan, folder: Path, index: int, deadline: float, n_trials: int | None = None) -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -58,7 +64,7 @@ def work(plan: PeerPlan, folder: Path, index: int, deadline: float) -> None:
     stop: list[BaseException] = []
     # every trial error is the trial's FAIL (a diverged lr), as in ours; a StopSweep also ends the study
     study.optimize(lambda trial: objective(trial, plan, folder / EPOCH_LOG, stop), catch=(Exception,),
-                   timeout=max(0.0, deadline - time.time()))
+                   n_trials=n_trials, timeout=max(0.0, deadline - time.time()))
     if stop:
         print(shell.error_line(stop[0]), file=sys.stderr, flush=True)
         sys.exit(2)

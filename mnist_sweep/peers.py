@@ -1,5 +1,6 @@
-"""`python -m mnist_sweep.peers {optuna,ray} --folder F --seed S --budget B -- OVERRIDES`: one peer study of the
-sweep benchmark (mnist_sweep/sweepbench.py starts it and stops it with SIGTERM at the budget).
+"""`python -m mnist_sweep.peers {optuna,ray} --folder F --seed S --budget B [--trials N] -- OVERRIDES`: one peer
+study of the sweep benchmark (mnist_sweep/sweepbench.py starts it and stops it with SIGTERM at the budget; the
+equal-trials bench, mnist_sweep/overhead.py, gives the optuna peer a number of trials).
 
 Both search ours' space with ours' sampler and pruner settings, read from the composed config with OVERRIDES, and
 train each trial through the library (peer_plan.py); each epoch is a line of F/epochs.jsonl (epoch_log.py):
@@ -26,6 +27,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--folder", required=True, help="the study's folder: its epoch log, storage and logs")
     ap.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     ap.add_argument("--budget", type=float, required=True, help="wall-clock seconds; no trial starts after them")
+    ap.add_argument("--trials", type=int, help="optuna only: end after this many trials in all (default: none, "
+                    "the budget alone ends it)")
     ap.add_argument("overrides", nargs="*", help="app overrides, as given to the sweep benchmark")
     return ap.parse_intermixed_args(argv)  # the overrides after --, behind the options
 
@@ -36,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if not args.budget > 0:
         raise UserError(f"--budget={args.budget:g} must be > 0 (wall-clock seconds)")
+    if args.trials is not None and (args.trials < 1 or args.study != "optuna"):
+        raise UserError(f"--trials={args.trials}: a number of trials >= 1, for the optuna study only")
     folder = Path(args.folder).absolute()
     if not folder.is_dir():
         raise UserError(f"--folder={folder} is not a folder")
@@ -50,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return peer_ray.run(plan, folder, started + args.budget)
     from . import peer_optuna
 
-    return peer_optuna.run(plan, folder, started + args.budget)
+    return peer_optuna.run(plan, folder, started + args.budget, args.trials)
 
 
 def _check_ray() -> None:
