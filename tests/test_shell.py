@@ -22,7 +22,8 @@ SECRET = "s3cret-Hunter2"
 URI = f"http://user:{SECRET}@127.0.0.1:9"  # nothing listens on port 9 (discard): refused at once
 MASKED = "http://user:***@127.0.0.1:9"
 # every `python -m mnist_sweep.<name>` command: the module's main goes through the shell
-COMMANDS = ("report", "predict", "replay", "bench", "sweepbench", "fidelity", "startup", "workercurve", "peers")
+COMMANDS = ("report", "predict", "replay", "bench", "sweepbench", "fidelity", "startup", "workercurve", "peers",
+            "overhead")
 
 
 def error_lines(capsys) -> list[str]:
