@@ -4,7 +4,8 @@ n_jobs worker processes (as many as ours trains at once) share one SQLite study;
 `study.optimize(objective, timeout=what is left of the budget)` (with a number of trials: its share of them) and
 loads MNIST once (the library caches it per process). Worker i seeds its TPE with seed + i: with one seed, the
 workers' random start-up trials would be the same points, trained twice. The pruner is ours (successive halving
-at epochs 2, 4 and 8 by default) and, as ours does, never judges a trial's last epoch: the work is done by then, and a rung at the last epoch would throw a result away.
+at epochs 2, 4 and 8 by default) and, as ours does, never judges a trial's last epoch: the work is done by then,
+and a rung at the last epoch would throw a result away.
 """
 
 from __future__ import annotations
