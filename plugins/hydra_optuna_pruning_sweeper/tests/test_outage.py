@@ -127,6 +127,15 @@ def test_an_outage_longer_than_the_wait_and_a_refusal_are_raised():
     assert is_transient(wrapped) and not is_transient(ValueError("server closed the connection"))
 
 
+def test_tables_of_another_optuna_schema_are_one_line_that_names_the_upgrade(tmp_path, monkeypatch):
+    """Optuna's own schema check holds two connections, so the storage opens without it and checks here."""
+    monkeypatch.setattr(optuna.storages.RDBStorage, "get_current_version", lambda self: "v2.4.0.a")
+    with pytest.raises(ConfigError) as refused:
+        make_storage(f"sqlite:///{tmp_path / 'old.db'}")
+    assert "schema v2.4.0.a" in str(refused.value) and "optuna storage upgrade" in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
 def test_a_claim_cut_off_before_its_trial_ran_is_withdrawn_from_the_budget(tmp_path):
     storage = make_storage(f"sqlite:///{tmp_path / 'o.db'}")
     study = open_study(storage, "s", ["minimize"], optuna.samplers.RandomSampler(seed=0))
@@ -317,21 +326,53 @@ def test_an_outage_longer_than_storage_wait_stops_each_worker_with_one_line_and_
     assert_exact(url, 8)
 
 
+def client_connections(url: str) -> int:
+    """Client sessions on the database of `url`, less the one that counts them."""
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    with engine.connect() as conn:
+        return conn.execute(sqlalchemy.text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND backend_type = 'client backend'")).scalar()
+
+
+@needs_postgres
+@pytest.mark.slow
+def test_a_worker_holds_one_connection_the_claim_lock_included(postgres, tmp_path):
+    """6 workers on one study, counted from pg_stat_activity while they claim, report and beat: never more
+    connections than workers (the claim lock's session is the one a worker's queries use)."""
+    folder, url = postgres
+    app = write_app(tmp_path / "app", APP, {"x": 0.0, "seconds": 0.3, "steps": 3}, {"direction": "minimize"})
+    workers = start_workers(app, url, 6, 30, wait_s=30)
+    peak = 0
+    try:
+        while any(w.poll() is None for w in workers):
+            peak = max(peak, client_connections(url))
+            time.sleep(0.05)
+        results = finish(workers, timeout=60)
+    finally:
+        for w in workers:
+            w.kill()
+    assert all(code == 0 for code, _ in results), results
+    assert_exact(url, 30)
+    assert 2 <= peak <= 6, f"{peak} connections for 6 workers"
+
+
 @needs_postgres
 @pytest.mark.slow
 def test_more_workers_than_max_connections_allows_wait_or_stop_with_one_line(tmp_path, monkeypatch):
-    """5 workers on a PostgreSQL that takes 8 connections (a worker holds 2-3): those refused wait for room with
-    one line, then join or, after the wait, stop with one line naming max_connections; nobody prints a traceback,
-    and the study ends with exactly its budget. Then one that finds no room for longer than the wait: one line."""
+    """10 workers on a PostgreSQL that takes 8 connections (a worker holds 1): those refused wait
+    for room with one line, then join or, after the wait, stop with one line naming max_connections; nobody prints
+    a traceback, and the study ends with exactly its budget. Then one that finds no room for longer than the wait:
+    one line."""
     with own_postgres(max_connections=8) as (folder, url):
         app = write_app(tmp_path / "app", APP, {"x": 0.0, "seconds": 0.3, "steps": 3}, {"direction": "minimize"})
-        workers = start_workers(app, url, 5, 8, wait_s=30)
+        workers = start_workers(app, url, 10, 12, wait_s=30)
         try:
             results = finish(workers, timeout=150)
         finally:
             for w in workers:
                 w.kill()
-        assert_exact(url, 8)
+        assert_exact(url, 12)
         held = hold_every_connection(url)  # a worker that waits longer than the wait: one line, no traceback
         monkeypatch.setattr(studies, "RESTART_WAIT_S", 1)
         with pytest.raises(ConfigError, match="max_connections is reached: each sweeper process") as refused:

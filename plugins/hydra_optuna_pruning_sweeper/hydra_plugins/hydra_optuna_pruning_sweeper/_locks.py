@@ -40,27 +40,38 @@ def always_held() -> bool:
 
 @contextmanager
 def advisory_lock(engine: "sqlalchemy.Engine", name: str) -> Iterator[Callable[[], bool]]:
-    """A PostgreSQL session-level advisory lock keyed by `name`, on a connection of its own. Yields a check of
-    whether the lock is still held: a database restart ends the session, and the lock with it, while its holder
-    works on other connections."""
+    """A PostgreSQL session-level advisory lock keyed by `name`. Yields a check of whether the lock is still held:
+    a database restart ends the session, and the lock with it.
+
+    The lock belongs to the database session, not to a checkout of its connection: it is taken on a pooled
+    connection that goes back to the pool at once, and the holder's queries meanwhile run on that same session.
+    So a process needs no connection of its own for the lock (N workers hold N connections, not 2N), as long as
+    its pool is one connection (make_storage's, for PostgreSQL): with two, the lock could stay on a session
+    nobody unlocks. Every step checks that it has the locking session (its backend pid): one that was replaced
+    (reconnected after a restart) holds no lock, and nothing is unlocked on it."""
     import sqlalchemy
 
     key = int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big", signed=True)
-    with engine.connect() as conn:
-        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+    with engine.connect() as conn:  # waits for the lock here, on the pool's connection
+        locker = conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key), pg_backend_pid()"),
+                              {"key": key}).one()[1]
 
-        def still_held() -> bool:
-            try:
+    def still_held() -> bool:
+        try:
+            with engine.connect() as conn:
                 return bool(conn.execute(sqlalchemy.text(
                     "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() "
-                    "AND granted")).scalar())
-            except sqlalchemy.exc.SQLAlchemyError:
-                return False
+                    "AND pid = :locker AND granted"), {"locker": locker}).scalar())
+        except sqlalchemy.exc.SQLAlchemyError:
+            return False
 
+    try:
+        yield still_held
+    finally:
         try:
-            yield still_held
-        finally:
-            try:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
-            except sqlalchemy.exc.SQLAlchemyError:
-                pass  # its session is gone, and the lock with it
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key) FROM (SELECT pg_backend_pid() AS pid) "
+                                             "AS session WHERE pid = :locker"), {"key": key, "locker": locker})
+                conn.commit()
+        except sqlalchemy.exc.SQLAlchemyError:
+            pass  # its session is gone, and the lock with it

@@ -45,8 +45,9 @@ log = logging.getLogger("optuna_pruning")
 STUDY_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # a file name on every OS, no path parts
 CONNECT_TIMEOUT_S = 5  # a worker whose database does not answer in this many seconds stops with a clear error
 RESTART_WAIT_S = 60  # seconds a worker that starts while its database restarts (or is full) waits for it
-POOL_SIZE = 2  # connections a process keeps open: the claim lock's and one for queries (its heartbeat's and a
-# job's report share them; a third, rare, is opened and closed)
+POOL_SIZE = 1  # connections a process keeps open on a server database: its queries, its heartbeat's, its jobs'
+# reports and the claim lock's session (_locks.advisory_lock) share it, one at a time
+MAX_OVERFLOW = 0  # never a second: a heartbeat that overlaps a job's report waits milliseconds for the one
 _OPENED: dict[str, RDBStorage] = {}  # the storage each URL was last opened as in this process (report_storage)
 
 
@@ -85,7 +86,10 @@ def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
     for up to RESTART_WAIT_S: a worker that starts while the others ride out a restart joins them. So is one
     that PostgreSQL refuses for max_connections (other clients leave), with one line; after the wait it stops
     with one line that says how many connections a worker holds."""
-    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True, "pool_size": POOL_SIZE}
+    # No ping before each use: a connection that a restart ended fails its next query, which the outage handling
+    # (_outage.py) retries on a new one; a ping per checkout doubled a worker's round trips
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": False, "pool_size": POOL_SIZE,
+                                      "max_overflow": MAX_OVERFLOW}
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 60}}  # seconds to wait for another writer's lock
     elif url.startswith(("postgresql", "mysql")):
@@ -102,8 +106,15 @@ def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
                     beats = {} if not heartbeat_interval else dict(
                         heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                         heartbeat_stale_trial_callback=stale_trial_retry())
-                    _OPENED[url] = RDBStorage(url, engine_kwargs=engine_kwargs, **beats)
-                    return _OPENED[url]
+                    if database is None:  # a server: its tables first, on connections of their own
+                        made = RDBStorage(url, engine_kwargs={"connect_args": engine_kwargs.get("connect_args", {}),
+                                                              "poolclass": sqlalchemy.pool.NullPool},
+                                          skip_compatibility_check=True)
+                        engine(made).dispose()  # Optuna holds two connections where it makes them
+                    storage = RDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=True, **beats)
+                    check_schema(storage)
+                    _OPENED[url] = storage
+                    return storage
             except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
                 attempt += 1
                 if attempt == 3:
@@ -118,12 +129,22 @@ def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
                                 f"max_connections): waiting up to {RESTART_WAIT_S} s for one")
                 time.sleep(1)
     except Exception as e:
-        hint = (f" PostgreSQL's max_connections is reached: each sweeper process (a worker) holds up to "
-                f"{POOL_SIZE + 1} connections, so N workers need about {POOL_SIZE}N-{POOL_SIZE + 1}N. Raise "
+        hint = (f" PostgreSQL's max_connections is reached: each sweeper process (a worker) holds "
+                f"{POOL_SIZE} connection, so N workers need N. Raise "
                 "max_connections (postgresql.conf), run fewer workers, or put a pooler (PgBouncer) in front."
                 ) if is_full(e) else ""
         raise ConfigError(f"Optuna storage {mask_secrets(url)!r} (hydra.sweeper.storage) could not be opened: "
                           f"{one_line(e)}{hint}") from e  # the cause tells a job whether to wait (_trial.TrialReport)
+
+
+def check_schema(storage: RDBStorage) -> None:
+    """Optuna's check that the database's tables are of this Optuna's schema, made here one connection at a time:
+    Optuna's own, when the storage opens, holds two, and a worker's pool has one."""
+    current, head = storage.get_current_version(), storage.get_head_version()
+    if current != head:
+        raise RuntimeError(f"its tables have Optuna's schema {current} and this Optuna ({optuna.__version__}) "
+                           f"uses {head}: upgrade them with `optuna storage upgrade --storage URL`, or sweep with "
+                           "the Optuna version that made them")
 
 
 def report_storage(url: str) -> RDBStorage:
