@@ -27,10 +27,10 @@ if leaked or "site-packages" not in plugin:
     sys.exit(f".venv-plugin must hold the installed plugin and neither torch nor mnist_sweep: has {leaked}, "
              f"plugin from {plugin}")'
 set +e
-../../../.venv-plugin/bin/python -P -m pytest -q -p no:cacheprovider -n 2 --dist loadfile "$@" .
+../../../.venv-plugin/bin/python -P -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=10 "$@" .
 plugin_status=$?
 cd ../../..
-.venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"
+.venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 "$@"
 app_status=$?
 [ "$plugin_status" = 0 ] || { echo "the plugin's tests failed (exit $plugin_status)" >&2; exit "$plugin_status"; }
 exit "$app_status"
