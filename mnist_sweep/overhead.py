@@ -74,6 +74,14 @@ def ratios(timed: Sequence[Timed], study: str, reference: str = REFERENCE) -> li
     return [t.seconds / ref[t.repeat] for t in timed if t.study == study and t.repeat in ref and ref[t.repeat] > 0]
 
 
+def spread(values: Sequence[float], fmt: str) -> str:
+    """'mean ± std' over repeats; the mean alone for one repeat, whose std says nothing."""
+    from .sweepbench import mean_std
+
+    mean, std = mean_std(list(values))
+    return f"{mean:{fmt}} ± {std:{fmt}}" if len(values) > 1 else f"{mean:{fmt}}"
+
+
 def table(timed: Sequence[Timed], n_trials: int) -> str:
     from .sweepbench import mean_std
 
@@ -85,10 +93,10 @@ def table(timed: Sequence[Timed], n_trials: int) -> str:
         wall = mean_std([t.seconds for t in mine])
         ratio = ratios(timed, study)
         lines.append("| " + " | ".join([
-            study, str(len(mine)), f"{wall[0]:.1f} ± {wall[1]:.1f}", f"{wall[0] / n_trials:.1f}",
+            study, str(len(mine)), spread([t.seconds for t in mine], ".1f"), f"{wall[0] / n_trials:.1f}",
             " ".join(f"{t.complete}/{t.trials}" for t in mine), " ".join(str(t.epochs) for t in mine),
             f"{mean_std([t.model_seconds for t in mine])[0]:.0f}",
-            "{:.3f} ± {:.3f}".format(*mean_std(ratio)) if ratio else "-"]) + " |")
+            spread(ratio, ".3f") if ratio else "-"]) + " |")
     return "\n".join(lines)
 
 

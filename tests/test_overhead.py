@@ -46,6 +46,8 @@ def test_ratios_pair_each_repeat_with_the_reference_of_the_same_repeat():
     assert ratios(runs[:3], "ours") == pytest.approx([1.1])  # repeat 1 has no reference: no ratio
     text = table(runs, n_trials=4)
     assert "| ours | 2 | 104.5 ± 7.8 | 26.1 | 4/4 4/4 | 8 8 | 157 | 1.100 ± 0.000 |" in text
+    one = table(runs[:2], n_trials=4)  # one repeat: its mean, with no spread that would read as none
+    assert "| ours | 1 | 110.0 | 27.5 | 4/4 | 8 | 165 | 1.100 |" in one and "±" not in one
 
 
 @pytest.mark.parametrize("n_trials,n_jobs,expected", [(8, 2, [4, 4]), (7, 2, [4, 3]), (1, 3, [1, 0, 0]),
