@@ -138,15 +138,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 @shell.command(stopped="the running study was stopped; no results written")
 def main(argv: list[str] | None = None) -> int:
     from .config import compose_sweep
-    from .sweepbench import MARKER, child_env, empty_mlflow_store, machine_line
+    from .sweepbench import child_env, empty_mlflow_store, machine_line, refuse_foreign
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out).absolute()
     for study in STUDIES:  # refuse a foreign folder before any study runs
         for repeat in range(args.repeats):
-            folder = out / f"{study}-r{repeat}"
-            if folder.exists() and not (folder / MARKER).is_file():
-                raise UserError(f"--out: {folder} exists and was not made by a bench; pick another --out")
+            refuse_foreign(out / f"{study}-r{repeat}", "a bench")
     header = (f"{machine_line()}.\n{args.trials} trials of {args.epochs} epoch(s) per study, every trial the same "
               f"net ({' '.join(COST_FIXED)}), no pruning, sampler seed {args.seed}.")
     # a bad override ends here, in one line, before any study runs

@@ -173,13 +173,19 @@ def failure_line(log: Path) -> str:
     return (errors or lines or ["(no output)"])[-1][:300]
 
 
+def refuse_foreign(folder: Path, bench: str = "sweepbench") -> None:
+    """A study folder a bench may (re)make: none yet, or one an earlier bench made (its MARKER); anything else is
+    the user's, and refused."""
+    if folder.exists() and not (folder / MARKER).is_file():
+        raise UserError(f"--out: {folder} exists and was not made by {bench}; pick another --out")
+
+
 def prepare_folder(folder: Path, mlflow_template: Path | None) -> None:
     """A fresh folder for one study: a folder of an earlier bench is replaced (ours would resume its study),
     anything else is refused. Its MLflow store starts as a copy of an empty one, as a user's store exists before
     the sweep: creating one takes seconds of schema migrations, which would count against the first study."""
+    refuse_foreign(folder)
     if folder.exists():
-        if not (folder / MARKER).is_file():
-            raise UserError(f"--out: {folder} exists and was not made by sweepbench; pick another --out")
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     (folder / MARKER).write_text("made by python -m mnist_sweep.sweepbench; replaced by its next run\n")
@@ -645,8 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).absolute()
     folders = {(s, seed): out / f"{s}-s{seed}" for s in args.studies for seed in args.sweep_seeds}
     for folder in folders.values():  # refuse a foreign folder before any study runs
-        if folder.exists() and not (folder / MARKER).is_file():
-            raise UserError(f"--out: {folder} exists and was not made by sweepbench; pick another --out")
+        refuse_foreign(folder)
     cores = os.cpu_count() or 1
     header = (f"{machine_line()}.\nBudget {args.budget:g} s per study, sampler seeds "
               f"{' '.join(map(str, args.sweep_seeds))}, {space.n_jobs} parallel trial(s) "

@@ -72,6 +72,5 @@ def advisory_lock(engine: "sqlalchemy.Engine", name: str) -> Iterator[Callable[[
             with engine.connect() as conn:
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key) FROM (SELECT pg_backend_pid() AS pid) "
                                              "AS session WHERE pid = :locker"), {"key": key, "locker": locker})
-                conn.commit()
         except sqlalchemy.exc.SQLAlchemyError:
             pass  # its session is gone, and the lock with it
